@@ -1,0 +1,143 @@
+"""Quality benchmark on real data with ground truth: PSNR/SSIM and time per image, side by side.
+
+usage: python benchmarks/quality.py --data ../shared/data/fmd [--methods raw,median3,median5,gauss1,paper,fast]
+       [--max-images N] [--only SUBSTR] [--json out.json] [--fast KEY=VALUE,...]
+
+`--fast` overrides fields of the fast schedule (e.g. `rounds=300,target=median`) for experiments.
+Every method runs on the same images in one process, so timings compare on the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from fm2s_stream.denoise import denoise
+from fm2s_stream.training import SCHEDULES
+
+
+def load(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def psnr(x: np.ndarray, gt: np.ndarray, peak: float = 255.0) -> float:
+    err = np.mean((x.astype(np.float64) - gt.astype(np.float64)) ** 2)
+    return float(10 * np.log10(peak * peak / err))
+
+
+def ssim(x: np.ndarray, gt: np.ndarray, peak: float = 255.0) -> float:
+    """Gaussian-window SSIM (sigma 1.5), as in Wang et al. 2004."""
+    a, b = x.astype(np.float64), gt.astype(np.float64)
+    f = lambda v: ndimage.gaussian_filter(v, 1.5, truncate=3.5)  # noqa: E731
+    mu_a, mu_b = f(a), f(b)
+    va, vb, cov = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return float(s.mean())
+
+
+def preset_for(name: str) -> str:
+    low = name.lower()
+    for key, preset in (("confocal", "confocal"), ("twophoton", "twophoton"), ("widefield", "widefield")):
+        if low.startswith(key):
+            return preset
+    return "srdtrans"
+
+
+def classical(method: str, raw: np.ndarray) -> np.ndarray:
+    f = raw.astype(np.float64)
+    if method == "raw":
+        return raw
+    if method.startswith("median"):
+        return ndimage.median_filter(raw, size=int(method[6:]))
+    if method == "gauss1":
+        return np.clip(np.rint(ndimage.gaussian_filter(f, 1.0)), 0, 255).astype(raw.dtype)
+    raise ValueError(method)
+
+
+def pairs(data: Path) -> list[tuple[str, Path, Path]]:
+    if (data / "raw").is_dir():
+        raw_dir, gt_dir = data / "raw", data / "gt"
+    else:
+        raw_dir, gt_dir = data / "noisy", data / "gt"
+    out = []
+    for r in sorted(raw_dir.glob("*.png")):
+        g = gt_dir / r.name
+        if g.exists():
+            out.append((r.stem, r, g))
+    return out
+
+
+def parse_overrides(text: str) -> dict[str, object]:
+    fields = {f.name: f.type for f in dataclasses.fields(SCHEDULES["fast"])}
+    out: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        if key not in fields:
+            raise SystemExit(f"unknown schedule field {key!r}")
+        current = getattr(SCHEDULES["fast"], key)
+        out[key] = value if isinstance(current, str) else (None if value == "None" else type(current or 0)(value))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/fmd"))
+    ap.add_argument("--methods", default="raw,median3,median5,gauss1,fast")
+    ap.add_argument("--max-images", type=int, default=0)
+    ap.add_argument("--only", default="", help="keep images whose name contains this")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fast", default="", help="override fast-schedule fields, e.g. rounds=300")
+    ap.add_argument("--preset", default="", help="force one preset for all images")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        print(f"no data at {args.data}: nothing to benchmark", file=sys.stderr)
+        raise SystemExit(0)
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    fast = dataclasses.replace(SCHEDULES["fast"], **parse_overrides(args.fast))
+    images = [p for p in pairs(args.data) if args.only in p[0]]
+    if args.max_images:
+        images = images[: args.max_images]
+    rows: list[dict[str, object]] = []
+    print(f"{'image':24s} " + " ".join(f"{m:>15s}" for m in methods) + "   (PSNR dB / seconds)")
+    for name, rp, gp in images:
+        raw, gt = load(rp), load(gp)
+        preset = args.preset or preset_for(name)
+        cells = []
+        for m in methods:
+            t0 = time.perf_counter()
+            if m in ("paper", "fast"):
+                out = denoise(raw, preset, fast if m == "fast" else "paper", device="cpu", seed=0)
+            else:
+                out = classical(m, raw)
+            dt = time.perf_counter() - t0
+            row = {"image": name, "method": m, "preset": preset, "psnr": psnr(out, gt),
+                   "ssim": ssim(out, gt), "seconds": dt}
+            rows.append(row)
+            cells.append(f"{row['psnr']:6.2f}/{dt:6.1f}s")
+        print(f"{name:24s} " + " ".join(f"{c:>15s}" for c in cells), flush=True)
+    print("\nmean PSNR / SSIM by group")
+    groups = sorted({str(r["image"]).rsplit("_", 1)[0] if "_" in str(r["image"]) else "all" for r in rows})
+    for m in methods:
+        line = []
+        for g in [*groups, ""]:
+            sel = [r for r in rows if r["method"] == m and str(r["image"]).startswith(g)]
+            line.append(f"{np.mean([r['psnr'] for r in sel]):6.2f}/{np.mean([r['ssim'] for r in sel]):.3f}")
+        print(f"{m:10s} " + "  ".join(f"{(g or 'mean')[:18]:>18s} {c}" for g, c in zip([*groups, ""], line)))
+    if args.json:
+        args.json.write_text(json.dumps({"schedule_fast": dataclasses.asdict(fast), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""FM2S two-stage training: schedules, pre-denoised targets, crop sampling and the trainer.
+
+Stage 1 maps the raw frame to a pre-denoised target (learns structure); stage 2 maps fresh noise
+injections of that target back to the target (aligns with the real noise). The `paper` schedule is
+the authors' (full image, 5 + 450 x 5 Adam steps); `fast` trains on random crops with a decaying
+learning rate and a better pre-denoised target, and is both much faster and better (README).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .model import FM2SNet
+from .noise import NoiseInjector
+from .presets import Preset
+
+__all__ = [
+    "SCHEDULES",
+    "Schedule",
+    "TrainReport",
+    "Trainer",
+    "collapse_for_inference",
+    "infer",
+    "make_target",
+    "random_crops",
+]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How to train one network on one frame.
+
+    stage1_steps: Adam steps raw -> target; rounds x steps_per_round: stage-2 steps, one fresh noise
+    injection per round; crop/batch: random crops per step (crop None = the full frame);
+    lr -> lr_final: cosine decay over stage 2; target: the pre-denoiser ("median" = the paper's).
+    """
+
+    name: str
+    stage1_steps: int
+    rounds: int
+    steps_per_round: int
+    crop: int | None
+    batch: int
+    lr: float
+    lr_final: float
+    target: str
+
+    @property
+    def total_steps(self) -> int:
+        """All Adam steps of both stages."""
+        return self.stage1_steps + self.rounds * self.steps_per_round
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median"),
+    "fast": Schedule("fast", 5, 450, 1, 128, 4, 4e-3, 1e-4, "gauss"),
+}
+
+
+def make_target(unit: np.ndarray, preset: Preset, kind: str) -> np.ndarray:
+    """The stage-1 pre-denoised target of a [0, 1] frame.
+
+    "median": the paper's median filter of window preset.w_size; "gauss": Gaussian sigma 1;
+    "mix": the mean of both (sharper edges than the blur, less blotchy than the median).
+    """
+    if kind == "median":
+        return ndimage.median_filter(unit, size=preset.w_size, mode="reflect")
+    if kind == "gauss":
+        return ndimage.gaussian_filter(unit, 1.0, mode="reflect")
+    if kind == "mix":
+        return 0.5 * (
+            ndimage.median_filter(unit, size=preset.w_size, mode="reflect")
+            + ndimage.gaussian_filter(unit, 1.0, mode="reflect")
+        )
+    raise ValueError(f"unknown target kind {kind!r}")
+
+
+def random_crops(
+    stack: torch.Tensor, size: int, batch: int, generator: torch.Generator
+) -> torch.Tensor:
+    """`batch` random size x size crops (same window across the channels of `stack`, (K, H, W))."""
+    k, h, w = stack.shape
+    ch, cw = min(size, h), min(size, w)
+    ys = torch.randint(0, h - ch + 1, (batch,), generator=generator).tolist()
+    xs = torch.randint(0, w - cw + 1, (batch,), generator=generator).tolist()
+    return torch.stack([stack[:, y : y + ch, x : x + cw] for y, x in zip(ys, xs)])
+
+
+@dataclass
+class TrainReport:
+    """What a training run did: steps, and the loss at the start and the end of stage 2."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+
+
+class Trainer:
+    """Runs FM2S steps on one network; keeps its optimizer so training can resume (warm start)."""
+
+    def __init__(
+        self,
+        net: FM2SNet,
+        preset: Preset,
+        device: torch.device,
+        seed: int = 0,
+        lr: float = 1e-3,
+    ) -> None:
+        self.net = net
+        self.preset = preset
+        self.device = device
+        self.injector = NoiseInjector(preset, seed=seed, device=device)
+        self.crop_rng = torch.Generator().manual_seed(seed + 1)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        self.steps = 0
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _replicate(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) -> (N, n_chan, H, W) channels_last on the device."""
+        x = x.to(self.device, non_blocking=True).expand(-1, self.net.n_chan, -1, -1)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
+        """One Adam step of MSE(net(inputs), target) on (N, n_chan, H, W) tensors."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(self.net(inputs), target)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return float(loss.detach())
+
+    def structure_steps(self, raw: torch.Tensor, target: torch.Tensor, steps: int) -> float:
+        """Stage 1: `steps` full-frame steps raw -> target ((1, 1, H, W) each)."""
+        x, y = self._replicate(raw), self._replicate(target)
+        loss = math.nan
+        for _ in range(steps):
+            loss = self.step(x, y)
+        return loss
+
+    def noise_steps(
+        self,
+        target: torch.Tensor,
+        steps: int,
+        crop: int | None,
+        batch: int,
+        lr_schedule: tuple[float, float] | None = None,
+        steps_per_injection: int = 1,
+    ) -> tuple[float, float]:
+        """Stage 2: `steps` steps of injected(target) -> target, on crops or the full frame.
+
+        Returns the first and last loss. With `lr_schedule` (lr0, lr1) the rate decays by cosine.
+        """
+        first = last = math.nan
+        y = noisy = None
+        tgt = target[0]  # (1, H, W)
+        for i in range(steps):
+            if lr_schedule is not None:
+                lr0, lr1 = lr_schedule
+                self.set_lr(lr1 + 0.5 * (lr0 - lr1) * (1 + math.cos(math.pi * i / max(1, steps))))
+            if i % steps_per_injection == 0:
+                y = random_crops(tgt, crop, batch, self.crop_rng) if crop else tgt[None]
+                y = self._replicate(y)
+                noisy = self.injector(y)
+            assert y is not None and noisy is not None
+            last = self.step(noisy, y)
+            if i == 0:
+                first = last
+        return first, last
+
+    def fit(self, raw: torch.Tensor, target: torch.Tensor, schedule: Schedule) -> TrainReport:
+        """Both stages of `schedule` on one frame ((1, 1, H, W) raw and target in [0, 1])."""
+        self.set_lr(schedule.lr)
+        self.structure_steps(raw, target, schedule.stage1_steps)
+        decay = None if schedule.lr == schedule.lr_final else (schedule.lr, schedule.lr_final)
+        first, last = self.noise_steps(
+            target,
+            schedule.rounds * schedule.steps_per_round,
+            schedule.crop,
+            schedule.batch,
+            lr_schedule=decay,
+            steps_per_injection=schedule.steps_per_round,
+        )
+        return TrainReport(self.steps, first, last)
+
+
+def collapse_for_inference(net: FM2SNet) -> FM2SNet:
+    """An exactly equivalent 1-channel network for inference.
+
+    The input channels are identical replicas and the output is their mean, so the first conv's
+    weights can be summed over input channels and the last conv's averaged over output channels:
+    inference then costs the same for every n_chan.
+    """
+    one = FM2SNet(1).to(next(net.parameters()).device)
+    src, dst = net.body, one.body
+    with torch.no_grad():
+        dst[0].weight.copy_(src[0].weight.sum(dim=1, keepdim=True))
+        dst[0].bias.copy_(src[0].bias)
+        dst[2].load_state_dict(src[2].state_dict())
+        dst[4].weight.copy_(src[4].weight.mean(dim=0, keepdim=True))
+        dst[4].bias.copy_(src[4].bias.mean().reshape(1))
+    return one.eval()
+
+
+@torch.inference_mode()
+def infer(net: FM2SNet, raw: torch.Tensor) -> torch.Tensor:
+    """Denoise a (1, 1, H, W) [0, 1] frame with `net` (collapsed to one channel first)."""
+    one = collapse_for_inference(net) if net.n_chan > 1 else net
+    x = raw.to(next(one.parameters()).device).contiguous(memory_format=torch.channels_last)
+    return one(x)
+
+
+def scaled(schedule: Schedule, factor: float) -> Schedule:
+    """`schedule` with its stage-2 length multiplied by `factor` (for quick tests and budgets)."""
+    return replace(schedule, rounds=max(1, round(schedule.rounds * factor)))
