@@ -1,0 +1,1 @@
+"""Edges that translate foreign frame sources and sinks (ZMQ, files, Micro-Manager) into Frames."""

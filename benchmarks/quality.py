@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from fm2s_stream.denoise import denoise
+from fm2s_stream.offline import denoise
 from fm2s_stream.training import SCHEDULES
 
 

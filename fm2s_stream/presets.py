@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["PRESETS", "NOISE_LEVELS", "Preset", "get_preset", "preset_names"]
+__all__ = ["NOISE_LEVELS", "PRESETS", "Preset", "get_preset", "preset_names"]
 
 
 @dataclass(frozen=True)

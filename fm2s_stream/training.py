@@ -38,7 +38,8 @@ class Schedule:
 
     stage1_steps: Adam steps raw -> target; rounds x steps_per_round: stage-2 steps, one fresh noise
     injection per round; crop/batch: random crops per step (crop None = the full frame);
-    lr -> lr_final: cosine decay over stage 2; target: the pre-denoiser ("median" = the paper's).
+    lr -> lr_final: cosine decay over stage 2; target: the pre-denoiser ("median" = the paper's);
+    refine_steps: extra stage-2 steps whose target is the network's own output after stage 2.
     """
 
     name: str
@@ -50,16 +51,17 @@ class Schedule:
     lr: float
     lr_final: float
     target: str
+    refine_steps: int = 0
 
     @property
     def total_steps(self) -> int:
         """All Adam steps of both stages."""
-        return self.stage1_steps + self.rounds * self.steps_per_round
+        return self.stage1_steps + self.rounds * self.steps_per_round + self.refine_steps
 
 
 SCHEDULES: dict[str, Schedule] = {
     "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median"),
-    "fast": Schedule("fast", 5, 450, 1, 128, 4, 4e-3, 1e-4, "gauss"),
+    "fast": Schedule("fast", 5, 450, 1, 128, 4, 4e-3, 1e-4, "mix"),
 }
 
 
@@ -85,7 +87,7 @@ def random_crops(
     stack: torch.Tensor, size: int, batch: int, generator: torch.Generator
 ) -> torch.Tensor:
     """`batch` random size x size crops (same window across the channels of `stack`, (K, H, W))."""
-    k, h, w = stack.shape
+    _, h, w = stack.shape
     ch, cw = min(size, h), min(size, w)
     ys = torch.randint(0, h - ch + 1, (batch,), generator=generator).tolist()
     xs = torch.randint(0, w - cw + 1, (batch,), generator=generator).tolist()
@@ -168,9 +170,9 @@ class Trainer:
                 lr0, lr1 = lr_schedule
                 self.set_lr(lr1 + 0.5 * (lr0 - lr1) * (1 + math.cos(math.pi * i / max(1, steps))))
             if i % steps_per_injection == 0:
-                y = random_crops(tgt, crop, batch, self.crop_rng) if crop else tgt[None]
-                y = self._replicate(y)
-                noisy = self.injector(y)
+                y1 = random_crops(tgt, crop, batch, self.crop_rng) if crop else tgt[None]
+                y = self._replicate(y1)
+                noisy = self.injector(y)  # independent noise per replicated channel
             assert y is not None and noisy is not None
             last = self.step(noisy, y)
             if i == 0:
@@ -190,6 +192,12 @@ class Trainer:
             lr_schedule=decay,
             steps_per_injection=schedule.steps_per_round,
         )
+        if schedule.refine_steps:
+            refined = infer(self.net, raw)
+            _, last = self.noise_steps(
+                refined, schedule.refine_steps, schedule.crop, schedule.batch,
+                lr_schedule=(schedule.lr / 4, schedule.lr_final),
+            )
         return TrainReport(self.steps, first, last)
 
 

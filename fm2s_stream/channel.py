@@ -1,0 +1,263 @@
+"""ChannelModel: one warm FM2S network per channel that denoises every frame and keeps learning.
+
+Life of a channel: the first frame starts a *cold start* (stage 1, then stage-2 crop steps up to
+`bootstrap_steps`); until it is done, frames are answered with the classical pre-denoiser and
+flagged `bootstrap`. After that every frame gets full-frame inference, then a few *fine-tune*
+steps on random crops of that frame with fresh FM2S noise injection. With `temporal` on, some steps
+are Noise2Noise-in-time: the current raw frame is mapped onto the previous raw frame of the same
+position, after registration, and only when a motion guard says the two show the same scene.
+A snapshot of the last good weights is kept; a failing or diverging step restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .offline import new_network
+from .model import FM2SNet
+from .presets import Preset
+from .scaling import Scaling, from_unit, scaling_for, to_unit
+from .training import Trainer, collapse_for_inference, make_target, random_crops
+
+__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "register_shift"]
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """How each channel's network is bootstrapped and fine-tuned."""
+
+    preset: Preset
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    target: str = "mix"
+    bootstrap_steps: int = 300
+    bootstrap_crop: int = 128
+    bootstrap_batch: int = 4
+    bootstrap_lr: float = 4e-3
+    finetune_crop: int = 96
+    finetune_batch: int = 2
+    finetune_lr: float = 3e-4
+    temporal: bool = True
+    motion_threshold: float = 3.0
+    snapshot_every: int = 20
+
+
+@dataclass
+class Prepared:
+    """A frame converted for the model: [0, 1] pixels, tensors, and what fine-tuning needs."""
+
+    raw: np.ndarray
+    unit: np.ndarray
+    scaling: Scaling
+    tensor: torch.Tensor  # (1, 1, H, W) on the device
+    position: tuple[int, int]
+    target: torch.Tensor | None = None  # stage-1 target, computed lazily
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (current, previous) aligned overlap
+
+
+def register_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """Integer (dy, dx) such that a[y, x] ~ b[y - dy, x - dx], by phase correlation."""
+    fa, fb = np.fft.rfft2(a - a.mean()), np.fft.rfft2(b - b.mean())
+    cross = fa * np.conj(fb)
+    cross /= np.abs(cross) + 1e-12
+    corr = np.fft.irfft2(cross, s=a.shape)
+    dy, dx = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    h, w = a.shape
+    return (int(dy) - h if dy > h // 2 else int(dy), int(dx) - w if dx > w // 2 else int(dx))
+
+
+class ChannelModel:
+    """The warm network of one channel: `infer` answers now, `train_step` learns afterwards."""
+
+    def __init__(self, name: str, config: ChannelConfig, init_from: ChannelModel | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.device = config.device
+        self.net: FM2SNet = new_network(config.preset.n_chan, config.seed, self.device)
+        if init_from is not None:
+            self.net.load_state_dict(init_from.net.state_dict())
+        self.trainer = Trainer(self.net, config.preset, self.device, seed=config.seed, lr=config.bootstrap_lr)
+        self.scaling: Scaling | None = None
+        self.shape: tuple[int, int] | None = None
+        self.bootstrap_done = init_from is not None and init_from.ready
+        self.steps = 0
+        self.temporal_steps = 0
+        self.motion_rejects = 0
+        self.restores = 0
+        self.shape_changes = 0
+        self._inference_net: FM2SNet | None = None
+        self._previous: dict[tuple[int, int], np.ndarray] = {}
+        self._good_state = copy.deepcopy(self.net.state_dict())
+        self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
+
+    @property
+    def ready(self) -> bool:
+        """True once the cold start is over and the network answers instead of the pre-denoiser."""
+        return self.bootstrap_done
+
+    # -- answering ---------------------------------------------------------------------------------
+    def prepare(self, pixels: np.ndarray, position: tuple[int, int] = (0, 0)) -> Prepared:
+        """Convert a frame with this channel's (slowly adapting) intensity scaling."""
+        shape = (int(pixels.shape[0]), int(pixels.shape[1]))
+        if self.shape is not None and shape != self.shape:
+            self.shape_changes += 1
+            self._previous.clear()
+        self.shape = shape
+        self.scaling = self._update_scaling(pixels)
+        unit = to_unit(pixels, self.scaling)
+        tensor = torch.from_numpy(unit)[None, None].to(self.device)
+        return Prepared(pixels, unit, self.scaling, tensor, position)
+
+    def _update_scaling(self, pixels: np.ndarray) -> Scaling:
+        """Per-channel scaling: fixed for uint8; for uint16 an exponential average over frames."""
+        new = scaling_for(pixels)
+        old = self.scaling
+        if old is None or pixels.dtype == np.uint8:
+            return new
+        a = 0.05
+        return Scaling((1 - a) * old.black + a * new.black, (1 - a) * old.white + a * new.white)
+
+    def infer(self, prep: Prepared) -> tuple[np.ndarray, str]:
+        """Denoised pixels (input dtype) and their status: "denoised" or "bootstrap"."""
+        if not self.ready:
+            out = make_target(prep.unit, self.config.preset, "gauss")
+            return from_unit(out, prep.scaling, prep.raw.dtype), "bootstrap"
+        if self._inference_net is None:
+            self._inference_net = collapse_for_inference(self.net).to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            x = prep.tensor.contiguous(memory_format=torch.channels_last)
+            out = self._inference_net(x)[0, 0].float().cpu().numpy()
+        return from_unit(out, prep.scaling, prep.raw.dtype), "denoised"
+
+    # -- learning ----------------------------------------------------------------------------------
+    def _target(self, prep: Prepared) -> torch.Tensor:
+        if prep.target is None:
+            t = make_target(prep.unit, self.config.preset, self.config.target)
+            prep.target = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))[None, None].to(self.device)
+        return prep.target
+
+    def remember(self, prep: Prepared) -> None:
+        """Pair this frame with the previous one of its position (temporal steps) and store it."""
+        if not self.config.temporal:
+            return
+        prev = self._previous.get(prep.position)
+        self._previous[prep.position] = prep.unit
+        if prev is None or prev.shape != prep.unit.shape:
+            return
+        pair = aligned_pair(prep.unit, prev, self.config.motion_threshold)
+        if pair is None:
+            self.motion_rejects += 1
+            return
+        cur, old = pair
+        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
+        prep.pair = (to_t(cur), to_t(old))
+
+    def train_step(self, prep: Prepared) -> bool:
+        """One Adam step on this frame (cold start or fine-tune). False if it failed and was undone."""
+        cfg = self.config
+        try:
+            if not self.ready:
+                loss = self._bootstrap_step(prep)
+            elif prep.pair is not None and self.steps % 2 == 1:
+                loss = self._temporal_step(prep.pair)
+            else:
+                self.trainer.set_lr(cfg.finetune_lr)
+                loss = self._noise_step(prep, cfg.finetune_crop, cfg.finetune_batch)
+        except (RuntimeError, ValueError):
+            self.restore()
+            raise
+        if not math.isfinite(loss):
+            self.restore()
+            return False
+        self.steps += 1
+        self._inference_net = None
+        if self.steps % cfg.snapshot_every == 0:
+            self.snapshot()
+        return True
+
+    def _bootstrap_step(self, prep: Prepared) -> float:
+        cfg = self.config
+        tgt = self._target(prep)
+        if self.steps < 5:  # stage 1: structure, full frame
+            self.trainer.set_lr(1e-3)
+            loss = self.trainer.structure_steps(prep.tensor, tgt, 1)
+        else:
+            i = self.steps - 5
+            n = max(1, cfg.bootstrap_steps - 5)
+            lr = 1e-4 + 0.5 * (cfg.bootstrap_lr - 1e-4) * (1 + math.cos(math.pi * min(i, n) / n))
+            self.trainer.set_lr(lr)
+            loss = self._noise_step(prep, cfg.bootstrap_crop, cfg.bootstrap_batch)
+        if self.steps + 1 >= cfg.bootstrap_steps:
+            self.bootstrap_done = True
+            self.snapshot()
+        return loss
+
+    def _noise_step(self, prep: Prepared, crop: int, batch: int) -> float:
+        y1 = random_crops(self._target(prep)[0], crop, batch, self.trainer.crop_rng)
+        y = self.trainer._replicate(y1)
+        return self.trainer.step(self.trainer.injector(y), y)
+
+    def _temporal_step(self, pair: tuple[torch.Tensor, torch.Tensor]) -> float:
+        cfg = self.config
+        stack = torch.cat(pair, dim=0)  # (2, h, w): same window in both
+        crops = random_crops(stack, cfg.finetune_crop, cfg.finetune_batch, self.trainer.crop_rng)
+        x = self.trainer._replicate(crops[:, :1])
+        y = self.trainer._replicate(crops[:, 1:])
+        self.trainer.set_lr(cfg.finetune_lr)
+        self.temporal_steps += 1
+        return self.trainer.step(x, y)
+
+    def snapshot(self) -> None:
+        """Remember the current weights as the last good state."""
+        self._good_state = copy.deepcopy(self.net.state_dict())
+        self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
+
+    def restore(self) -> None:
+        """Go back to the last good state (after a failed or diverging step)."""
+        self.net.load_state_dict(self._good_state)
+        self.trainer.optimizer.load_state_dict(self._good_opt)
+        self._inference_net = None
+        self.restores += 1
+
+    def stats(self) -> dict[str, object]:
+        """Counters for status lines and reports."""
+        return {
+            "ready": self.ready, "steps": self.steps, "temporal_steps": self.temporal_steps,
+            "motion_rejects": self.motion_rejects, "restores": self.restores,
+            "shape_changes": self.shape_changes,
+        }
+
+
+def aligned_pair(
+    cur: np.ndarray, prev: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The overlapping windows of `cur` and the registered `prev`, or None if the scene changed.
+
+    Motion guard: after alignment, the difference of the two frames blurred (sigma 2) must be
+    explained by noise alone, i.e. its energy must be below `threshold` times what the raw
+    difference's noise predicts for a blurred field (kappa = 1 / (4 pi sigma^2)).
+    """
+    h, w = cur.shape
+    small_a, small_b = ndimage.gaussian_filter(cur, 2.0), ndimage.gaussian_filter(prev, 2.0)
+    dy, dx = register_shift(small_a, small_b)
+    if abs(dy) > h // 4 or abs(dx) > w // 4:
+        return None
+    ys, xs = slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx))
+    yp, xp = slice(max(0, -dy), h + min(0, -dy)), slice(max(0, -dx), w + min(0, -dx))
+    a, b = cur[ys, xs], prev[yp, xp]
+    if min(a.shape) < 32:
+        return None
+    diff = a - b
+    blurred = ndimage.gaussian_filter(diff, 2.0)[8:-8, 8:-8]
+    kappa = 1.0 / (4 * math.pi * 4.0)
+    noise = float(np.var(diff)) * kappa
+    if float(np.mean(blurred**2)) > threshold * max(noise, 1e-12):
+        return None
+    return a, b
+

@@ -1,0 +1,251 @@
+"""fm2s-stream: the command line (denoise, serve, demo, send, receive)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("fm2s_stream")
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .presets import preset_names
+
+    p.add_argument("--preset", default="confocal", choices=preset_names(), help="noise preset (paper)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=_default_threads(), help="torch CPU threads")
+
+
+# -- denoise -------------------------------------------------------------------------------------------
+def cmd_denoise(args: argparse.Namespace) -> int:
+    """Denoise image files; returns the exit code (1 if any input failed)."""
+    import torch
+
+    from .adapters.files import ImageFileError, read_image, write_image
+    from .offline import denoise_stack
+
+    torch.set_num_threads(args.threads)
+    inputs = [Path(p) for p in args.inputs]
+    out = Path(args.output)
+    many = len(inputs) > 1
+    if many and out.suffix:
+        print(f"error: {len(inputs)} inputs need -o to be a directory, not {out}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in inputs:
+        target = (out / path.name) if (many or out.is_dir()) else out
+        try:
+            if target.exists() and not args.overwrite:
+                raise ImageFileError(f"{target}: exists; pass --overwrite to replace it")
+            data, axes = read_image(path)
+            t0 = time.perf_counter()
+            result = denoise_stack(data, axes, preset=args.preset, method=args.method, device=args.device,
+                                   seed=args.seed, progress=_progress(path.name) if data.ndim > 2 else None)
+            write_image(target, result, overwrite=args.overwrite, axes=axes)
+            print(f"{path} -> {target} ({'x'.join(map(str, data.shape))} {data.dtype}, "
+                  f"{time.perf_counter() - t0:.1f} s)")
+        except (ImageFileError, ValueError) as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _progress(name: str):  # type: ignore[no-untyped-def]
+    def show(done: int, total: int) -> None:
+        bar = "#" * int(30 * done / total)
+        print(f"\r{name} [{bar:<30s}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    return show
+
+
+# -- serve ---------------------------------------------------------------------------------------------
+def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .service import ServiceOptions
+
+    return ServiceOptions(
+        source=args.source, source_type=args.source_type, publish=args.publish, preview=args.preview,
+        save=Path(args.save) if args.save else None, save_kind=args.save_kind, roll_every=args.roll_every,
+        pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
+        seed=args.seed, threads=args.threads, temporal=not args.no_temporal,
+        allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM, then drain, finalise files and print the final report."""
+    from .service import StreamService
+
+    try:
+        service = StreamService(_service_options(args)).start()
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"fm2s-stream serving {args.source} ({args.source_type}); Ctrl-C to stop", file=sys.stderr)
+    while not stop.wait(args.status_every):
+        if args.status_every > 0:
+            print("\r" + service.pipeline.status_line() + "   ", end="", file=sys.stderr, flush=True)
+    print("\nstopping: draining queue and finalising files", file=sys.stderr)
+    report = service.stop()
+    print(json.dumps(report, default=str))
+    return 0
+
+
+# -- send / receive ------------------------------------------------------------------------------------
+def cmd_send(args: argparse.Namespace) -> int:
+    """Replay an image file's planes as wire-format frames on a PUSH (or PUB) socket."""
+    import zmq
+
+    from .adapters.files import FileSource, ImageFileError
+    from .wire import encode
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH if args.socket == "push" else zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(args.to)
+    time.sleep(0.2)
+    source = FileSource(args.file, channel=args.channel)
+    t0, n = time.perf_counter(), 0
+    try:
+        for i, frame in enumerate(source.frames()):
+            if args.fps > 0:
+                time.sleep(max(0.0, t0 + i / args.fps - time.perf_counter()))
+            frame.frame_id = args.first_id + i
+            frame.ts = time.time()
+            sock.send_multipart(encode(frame), copy=False)
+            n += 1
+    except ImageFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sock.close()
+    print(f"sent {n} frames to {args.to}", file=sys.stderr)
+    return 0
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    """Capture wire-format frames (PULL or SUB) into a crash-safe TIFF, until N frames or Ctrl-C."""
+    import zmq
+
+    from .frame import Result
+    from .tiffsink import TiffSink
+    from .wire import WireError, decode
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL if args.socket == "pull" else zmq.SUB)
+    if args.socket == "sub":
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(args.from_)
+    sink = TiffSink(args.save, kind="raw", prefix="received") if args.save else None
+    if sink:
+        sink.open()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    got = bad = 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while not stop.is_set() and (args.count == 0 or got < args.count):
+        if deadline and time.monotonic() > deadline:
+            break
+        if not sock.poll(100):
+            continue
+        parts = sock.recv_multipart(copy=False)
+        try:
+            frame = decode([p.buffer for p in parts])
+        except WireError as exc:
+            bad += 1
+            print(f"malformed message: {exc}", file=sys.stderr)
+            continue
+        got += 1
+        if sink:
+            sink.write(Result(frame, frame.pixels, "received", False, 0, 0.0))
+    if sink:
+        sink.close()
+    sock.close(linger=0)
+    print(json.dumps({"received": got, "malformed": bad, "files": sink.stats()["files"] if sink else []}))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    from .training import SCHEDULES
+
+    ap = argparse.ArgumentParser(prog="fm2s-stream", description="Real-time zero-shot FM2S denoising.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("denoise", help="denoise PNG/TIFF files (2D frames or stacks)")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="output file (one input) or directory")
+    p.add_argument("--method", default="fast", choices=sorted(SCHEDULES))
+    p.add_argument("--overwrite", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("serve", help="denoise a ZMQ frame stream until interrupted")
+    p.add_argument("--source", default="tcp://127.0.0.1:5555")
+    p.add_argument("--source-type", default="pull", choices=["pull", "sub"])
+    p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="PUSH endpoint ('' for none)")
+    p.add_argument("--preview", default=None, help="PUB endpoint for the lossy live preview")
+    p.add_argument("--save", default=None, help="directory for OME-TIFF files")
+    p.add_argument("--save-kind", default="denoised", choices=["denoised", "raw", "both"])
+    p.add_argument("--roll-every", type=int, default=10_000, help="frames per file")
+    p.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (OME metadata)")
+    p.add_argument("--budget-ms", type=float, default=50.0, help="latency budget per frame")
+    p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
+    p.add_argument("--bind", default=None, help="host other than 127.0.0.1 to accept (warned about)")
+    p.add_argument("--status-every", type=float, default=1.0, help="seconds between status lines")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub, _add_model_args)
+
+    p = sub.add_parser("send", help="replay an image stack into a stream")
+    p.add_argument("file")
+    p.add_argument("--to", required=True)
+    p.add_argument("--socket", default="push", choices=["push", "pub"])
+    p.add_argument("--channel", default="default")
+    p.add_argument("--fps", type=float, default=0.0, help="pace frames (0 = as fast as possible)")
+    p.add_argument("--first-id", type=int, default=0)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("receive", help="capture a stream into a TIFF")
+    p.add_argument("--from", dest="from_", required=True)
+    p.add_argument("--socket", default="pull", choices=["pull", "sub"])
+    p.add_argument("--save", default=None, help="directory for the TIFF")
+    p.add_argument("--count", type=int, default=0, help="stop after N frames (0 = until Ctrl-C)")
+    p.add_argument("--timeout", type=float, default=0.0, help="stop after S seconds (0 = never)")
+    p.set_defaults(func=cmd_receive)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fm2s-stream` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "publish", None) == "":
+        args.publish = None
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

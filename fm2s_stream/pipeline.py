@@ -1,0 +1,267 @@
+"""The streaming pipeline: bounded queue -> worker (per-channel models, latency policy) -> sinks.
+
+Sources call `submit` and nothing else. The worker publishes first and learns after: it runs
+inference, hands the result to the sinks, then spends what is left of the latency budget on
+fine-tune steps, stopping as soon as another frame waits. Under backlog it cuts fine-tuning first,
+then runs inference only; the preview (lossy) sinks get only the newest frame. Lossless sinks
+never drop: a full queue makes `submit` wait (backpressure). Every frame ends in exactly one of
+the counters `denoised`, `bootstrap`, `raw` (passed through with a reason) or `rejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .channel import ChannelConfig, ChannelModel
+from .frame import Frame, FrameError, Result
+from .sinks import FrameSink, SinkRelay
+
+__all__ = ["FrameSource", "Pipeline", "PipelineConfig"]
+
+log = logging.getLogger(__name__)
+
+
+class FrameSource(Protocol):
+    """Something that produces frames: it calls `pipeline.submit(frame)` and nothing else."""
+
+    def start(self, pipeline: Pipeline) -> None:
+        """Begin delivering frames to `pipeline`."""
+
+    def stop(self) -> None:
+        """Stop delivering; return once no more `submit` calls will come."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Queue, latency and threading policy of a pipeline."""
+
+    channel: ChannelConfig
+    budget_ms: float = 50.0
+    queue_size: int = 64
+    max_finetune_steps: int = 4
+    threads: int = 2
+    init_from_first_channel: bool = False
+
+
+class Pipeline:
+    """Owns the queue, the worker thread, the channel models and the sink relays."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        sinks: list[FrameSink] | None = None,
+        previews: list[FrameSink] | None = None,
+        relay_capacity: int = 256,
+    ) -> None:
+        self.config = config
+        self.models: dict[str, ChannelModel] = {}
+        self.relays = [SinkRelay(s, relay_capacity, lossless=True) for s in sinks or []]
+        self.preview_relays = [SinkRelay(s, 2, lossless=False) for s in previews or []]
+        self._queue: queue.Queue[Frame | None] = queue.Queue(maxsize=config.queue_size)
+        self._worker = threading.Thread(target=self._run, name="fm2s-worker", daemon=True)
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.rejects: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=100_000)
+        self.latency_log: list[tuple[float, float]] = []  # (time since start, ms), for plots
+        self.started_at = 0.0
+        self._running = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> Pipeline:
+        """Open the sinks and start the worker."""
+        for relay in self.relays + self.preview_relays:
+            relay.start()
+        self.started_at = time.perf_counter()
+        self._running = True
+        self._worker.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain the queue (every frame submitted so far is processed), then close the sinks."""
+        if not self._running:
+            return
+        self._queue.put(None)
+        self._worker.join(timeout)
+        self._running = False
+        for relay in self.relays + self.preview_relays:
+            relay.close(timeout)
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- input -------------------------------------------------------------------------------------
+    def submit(self, frame: Frame, block: bool = True, timeout: float | None = None) -> bool:
+        """Validate and enqueue a frame; waits for room when `block` (backpressure).
+
+        Returns False (and counts it) when the frame is invalid or the queue stayed full.
+        """
+        try:
+            frame.validate()
+        except FrameError as exc:
+            self.reject(exc.kind, str(exc))
+            return False
+        try:
+            self._queue.put(frame, block=block, timeout=timeout)
+        except queue.Full:
+            self.reject("queue_full", f"queue full, frame {frame.frame_id} of {frame.channel!r} not accepted")
+            return False
+        with self._lock:
+            self.counts["in"] += 1
+        return True
+
+    def reject(self, kind: str, message: str) -> None:
+        """Count and log a frame or message that could not be accepted (used by sources too)."""
+        with self._lock:
+            self.rejects[kind] += 1
+            self.counts["rejected"] += 1
+        log.warning("rejected (%s): %s", kind, message)
+
+    @property
+    def depth(self) -> int:
+        """Frames waiting in the queue."""
+        return self._queue.qsize()
+
+    # -- worker ------------------------------------------------------------------------------------
+    def model_for(self, channel: str) -> ChannelModel:
+        """The channel's model, created on first use (optionally from the first channel's weights)."""
+        model = self.models.get(channel)
+        if model is None:
+            donor = next(iter(self.models.values()), None) if self.config.init_from_first_channel else None
+            model = ChannelModel(channel, self.config.channel, init_from=donor)
+            self.models[channel] = model
+            log.info("new channel %r (%s)", channel, "warm from " + donor.name if donor else "cold start")
+        return model
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        pending = None  # (model, prepared) of the last frame, for idle-time learning
+        while True:
+            try:
+                frame = self._queue.get(timeout=0.01 if pending else 0.2)
+            except queue.Empty:
+                if pending is not None and not pending[0].ready:
+                    self._learn(*pending, deadline=None, max_steps=1)
+                continue
+            if frame is None:
+                break
+            pending = self._process(frame) or pending
+        log.debug("worker drained")
+
+    def _process(self, frame: Frame) -> tuple[ChannelModel, object] | None:
+        backlog = self._queue.qsize()
+        model: ChannelModel | None = None
+        prep = None
+        try:
+            model = self.model_for(frame.channel)
+            prep = model.prepare(frame.pixels, (frame.p, frame.z))
+            pixels, status = model.infer(prep)
+            reason = None
+        except Exception as exc:  # a broken frame or model must not stop the stream
+            log.exception("denoising frame %s of %r failed; passing it raw", frame.frame_id, frame.channel)
+            if model is not None:
+                model.restore()
+            pixels, status, reason = np.array(frame.pixels, copy=True), "raw", f"{type(exc).__name__}: {exc}"
+        latency = (time.perf_counter() - frame.received) * 1000
+        degraded = status != "denoised" or backlog > 0
+        result = Result(frame, pixels, status, degraded, model.steps if model else 0, latency, reason)
+        self._emit(result, newest=backlog == 0)
+        if model is None or prep is None or status == "raw":
+            return None
+        # learn after: fine-tune within the budget, only while no other frame waits
+        try:
+            model.remember(prep)
+        except Exception:
+            log.exception("temporal pairing failed for %r", frame.channel)
+        if not model.ready:  # a cold start always progresses, by at least one step per frame
+            self._learn(model, prep, frame.received + self.config.budget_ms / 1000, 10**9, at_least=1)
+        elif backlog == 0:
+            deadline = frame.received + self.config.budget_ms / 1000
+            self._learn(model, prep, deadline, self.config.max_finetune_steps)
+        else:
+            with self._lock:
+                self.counts["finetune_skipped"] += 1
+        return model, prep
+
+    def _learn(
+        self, model: ChannelModel, prep: object, deadline: float | None, max_steps: int, at_least: int = 0
+    ) -> None:
+        """Train while no frame waits, until `deadline` or `max_steps` (but at least `at_least` steps)."""
+        steps = 0
+        while steps < max_steps:
+            if steps >= at_least and (
+                not self._queue.empty() or (deadline is not None and time.perf_counter() > deadline)
+            ):
+                break
+            try:
+                model.train_step(prep)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("training step failed on channel %r; restored last good state", model.name)
+                with self._lock:
+                    self.counts["train_failures"] += 1
+                return
+            steps += 1
+        with self._lock:
+            self.counts["train_steps"] += steps
+
+    def _emit(self, result: Result, newest: bool) -> None:
+        with self._lock:
+            self.counts[result.status] += 1
+            self.counts["out"] += 1
+            if result.degraded:
+                self.counts["degraded"] += 1
+            self.latencies.append(result.latency_ms)
+            self.latency_log.append((time.perf_counter() - self.started_at, result.latency_ms))
+        for relay in self.relays:
+            while not relay.put(result, timeout=1.0):
+                log.warning("sink %s is full; waiting (backpressure)", relay.sink.name)
+        if newest:
+            for relay in self.preview_relays:
+                relay.put(result)
+        else:
+            with self._lock:
+                self.counts["preview_skipped"] += 1
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        """A snapshot of counters, latency percentiles, queue depth, and per-channel/sink state."""
+        with self._lock:
+            lat = np.asarray(self.latencies, dtype=np.float64)
+            counts = dict(self.counts)
+            rejects = dict(self.rejects)
+        elapsed = max(time.perf_counter() - self.started_at, 1e-9) if self.started_at else 0.0
+        return {
+            "counts": counts,
+            "rejects": rejects,
+            "fps": counts.get("out", 0) / elapsed if elapsed else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+            "queue": self.depth,
+            "channels": {name: m.stats() for name, m in self.models.items()},
+            "sinks": {r.sink.name: r.stats() for r in self.relays + self.preview_relays},
+        }
+
+    def status_line(self) -> str:
+        """One line for a live terminal display."""
+        s = self.stats()
+        c = s["counts"]
+        assert isinstance(c, dict)
+        p50, p99 = s["p50_ms"], s["p99_ms"]
+        chans = " ".join(
+            f"{n}:{m['steps']}{'' if m['ready'] else '*'}" for n, m in s["channels"].items()  # type: ignore[union-attr]
+        )
+        lat = f"p50 {p50:.0f} ms p99 {p99:.0f} ms" if p50 is not None else "p50 - p99 -"
+        return (f"in {c.get('in', 0)} out {c.get('out', 0)} rej {c.get('rejected', 0)} "
+                f"{s['fps']:.1f} fps {lat} queue {s['queue']} steps [{chans}]")

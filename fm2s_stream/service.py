@@ -1,0 +1,104 @@
+"""StreamService: wires a ZMQ source, the pipeline and the ZMQ/TIFF sinks as `serve` and `demo` run them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .adapters.zmq import PreviewPubSink, ZmqPushSink, ZmqSource, check_endpoint
+from .channel import ChannelConfig
+from .devices import resolve_device
+from .pipeline import Pipeline, PipelineConfig
+from .presets import get_preset
+from .sinks import FrameSink
+from .tiffsink import TiffSink
+
+__all__ = ["ServiceOptions", "StreamService"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceOptions:
+    """Everything `serve` needs to know (the CLI flags, one field each)."""
+
+    source: str = "tcp://127.0.0.1:5555"
+    source_type: str = "pull"
+    publish: str | None = "tcp://127.0.0.1:5556"
+    preview: str | None = None
+    save: Path | None = None
+    save_kind: str = "denoised"
+    roll_every: int = 10_000
+    pixel_size_um: float | None = None
+    preset: str = "confocal"
+    budget_ms: float = 50.0
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 2
+    temporal: bool = True
+    bootstrap_steps: int = 300
+    allow_remote: bool = False
+    queue_size: int = 64
+    extra_channel: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamService:
+    """Owns the source, the pipeline and its sinks; `start` and `stop` (drain, finalise) them."""
+
+    def __init__(self, options: ServiceOptions, context: zmq.Context | None = None) -> None:
+        self.options = o = options
+        self.context = context or zmq.Context.instance()
+        for endpoint in (o.source, o.publish, o.preview):
+            if endpoint:
+                check_endpoint(endpoint, o.allow_remote)
+        channel = ChannelConfig(
+            preset=get_preset(o.preset),
+            device=resolve_device(o.device),
+            seed=o.seed,
+            temporal=o.temporal,
+            bootstrap_steps=o.bootstrap_steps,
+            **o.extra_channel,
+        )
+        config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads,
+                                queue_size=o.queue_size)
+        sinks: list[FrameSink] = []
+        self.push: ZmqPushSink | None = None
+        if o.publish:
+            self.push = ZmqPushSink(o.publish, self.context)
+            sinks.append(self.push)
+        self.tiffs: list[TiffSink] = []
+        if o.save is not None:
+            kinds = ("denoised", "raw") if o.save_kind == "both" else (o.save_kind,)
+            for kind in kinds:
+                self.tiffs.append(TiffSink(o.save, kind, roll_every=o.roll_every, pixel_size_um=o.pixel_size_um))
+            sinks.extend(self.tiffs)
+        previews: list[FrameSink] = [PreviewPubSink(o.preview, self.context)] if o.preview else []
+        self.pipeline = Pipeline(config, sinks, previews)
+        self.source = ZmqSource(o.source, o.source_type, bind=True, context=self.context)
+
+    def start(self) -> StreamService:
+        """Open sinks, start the worker, then start receiving."""
+        self.pipeline.start()
+        self.source.start(self.pipeline)
+        log.info("serving: source %s (%s) -> %s", self.options.source, self.options.source_type,
+                 ", ".join(r.sink.name for r in self.pipeline.relays + self.pipeline.preview_relays))
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        """Stop receiving, process every queued frame, finalise files; return the final report."""
+        self.source.stop()
+        self.pipeline.stop()
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        """Pipeline stats plus the source's and sinks' own counters."""
+        stats = self.pipeline.stats()
+        stats["source"] = {"received": self.source.received, "malformed": self.source.malformed}
+        if self.push is not None:
+            stats["publish"] = self.push.stats()
+        stats["files"] = {t.kind: t.stats() for t in self.tiffs}
+        return stats

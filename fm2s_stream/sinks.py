@@ -1,0 +1,112 @@
+"""The FrameSink protocol and SinkRelay, the thread that keeps a slow or failing sink off the worker.
+
+A lossless relay has a bounded queue and makes the worker wait when it is full (backpressure up to
+the source); a lossy relay (preview) drops its oldest entry instead. A sink's exception is logged
+and counted, never raised into the worker; frames it failed on are counted as `failed`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Protocol, runtime_checkable
+
+from .frame import Result
+
+__all__ = ["FrameSink", "SinkRelay"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class FrameSink(Protocol):
+    """Where results go: ZMQ, disk, a GUI. `write` may block; it runs on the relay's thread."""
+
+    name: str
+
+    def open(self) -> None:
+        """Acquire resources (sockets, files)."""
+
+    def write(self, result: Result) -> None:
+        """Deliver one result; raise on failure (the relay counts it)."""
+
+    def close(self) -> None:
+        """Flush and release; called once, after the last write."""
+
+
+class SinkRelay:
+    """Runs one sink on its own thread behind a bounded deque."""
+
+    def __init__(self, sink: FrameSink, capacity: int = 256, lossless: bool = True) -> None:
+        self.sink = sink
+        self.capacity = capacity
+        self.lossless = lossless
+        self._queue: collections.deque[Result] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
+        self.written = 0
+        self.failed = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        """Open the sink and start its thread."""
+        self.sink.open()
+        self._thread.start()
+
+    def put(self, result: Result, timeout: float | None = None) -> bool:
+        """Queue a result; lossless relays wait for room (up to `timeout`), lossy ones drop oldest."""
+        with self._cond:
+            if len(self._queue) >= self.capacity:
+                if not self.lossless:
+                    self._queue.popleft()
+                    self.dropped += 1
+                elif not self._cond.wait_for(lambda: len(self._queue) < self.capacity, timeout):
+                    return False
+            self._queue.append(result)
+            self._cond.notify_all()
+        return True
+
+    @property
+    def depth(self) -> int:
+        """Results waiting for this sink."""
+        return len(self._queue)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue) or self._closing)
+                if not self._queue:
+                    break
+                result = self._queue[0]
+            try:
+                self.sink.write(result)
+                self.written += 1
+            except Exception as exc:
+                self.failed += 1
+                if self.last_error != str(exc):
+                    log.error("sink %s failed on frame %s: %s", self.sink.name, result.frame.frame_id, exc)
+                self.last_error = str(exc)
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Deliver what is queued, then close the sink."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        try:
+            self.sink.close()
+        except Exception as exc:
+            log.error("sink %s failed to close: %s", self.sink.name, exc)
+            self.last_error = str(exc)
+
+    def stats(self) -> dict[str, object]:
+        """Counters for reports."""
+        return {"written": self.written, "failed": self.failed, "dropped": self.dropped,
+                "queued": self.depth, "last_error": self.last_error}

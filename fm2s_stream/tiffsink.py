@@ -1,0 +1,231 @@
+"""TiffSink: crash-safe frame-by-frame BigTIFF writing, finalised to OME-TIFF on a clean close.
+
+Each frame is one page with a JSON description (identity, metadata, processing fields), written
+and flushed as it arrives, so a process killed with SIGKILL leaves a file that tifffile reads up to
+the last complete page. On a clean close page 0's description is replaced by OME-XML (T and C axes,
+channel names, per-plane timing, pixel size when known). Files are created exclusively (never
+overwritten); a new file starts every `roll_every` frames, or when the frame shape or dtype changes.
+A write error (disk full, directory gone) is reported, counted as a gap, and retried on a new file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+import tifffile
+
+from .frame import Result
+
+__all__ = ["TiffSink", "ome_xml", "safe_name"]
+
+log = logging.getLogger(__name__)
+KINDS = ("denoised", "raw")
+
+
+def safe_name(text: str, limit: int = 48) -> str:
+    """A file-name-safe rendering of `text` (no separators, no dots at the start, bounded length)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:limit]
+    return cleaned or "x"
+
+
+@dataclass
+class _OpenFile:
+    path: Path
+    handle: BinaryIO
+    writer: tifffile.TiffWriter
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    planes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ome_xml(planes: list[dict[str, Any]], shape: tuple[int, ...], dtype: np.dtype,
+            pixel_size_um: float | None = None) -> str:
+    """OME-XML for the pages of one file; `planes` holds each page's header (channel, ts, ...).
+
+    Channels are numbered in order of first appearance, T counts each channel's frames. If the pages
+    interleave channels regularly (c0 c1 c0 c1 ...) one Image with a C axis results, else one
+    Image per channel. Every page is mapped by an explicit TiffData IFD entry.
+    """
+    channels: list[str] = []
+    for p in planes:
+        if p["channel"] not in channels:
+            channels.append(p["channel"])
+    n_c = len(channels)
+    regular = len(planes) % n_c == 0 and all(
+        p["channel"] == channels[i % n_c] for i, p in enumerate(planes)
+    )
+    groups = [channels] if regular else [[c] for c in channels]
+    size = ""
+    if pixel_size_um:
+        size = f' PhysicalSizeX="{pixel_size_um}" PhysicalSizeY="{pixel_size_um}"'
+    t0 = planes[0].get("ts", 0.0) if planes else 0.0
+    images = []
+    for gi, group in enumerate(groups):
+        members = [(i, p) for i, p in enumerate(planes) if p["channel"] in group]
+        size_t = max(sum(1 for _, p in members if p["channel"] == c) for c in group)
+        counters = dict.fromkeys(group, 0)
+        tiffdata, plane_xml = [], []
+        for ifd, p in members:
+            c = group.index(p["channel"])
+            t = counters[p["channel"]]
+            counters[p["channel"]] += 1
+            tiffdata.append(f'<TiffData IFD="{ifd}" FirstC="{c}" FirstT="{t}" FirstZ="0" PlaneCount="1"/>')
+            dt = float(p.get("ts", t0)) - t0
+            plane_xml.append(f'<Plane TheC="{c}" TheT="{t}" TheZ="0" DeltaT="{dt:.6f}" DeltaTUnit="s"/>')
+        chan_xml = "".join(
+            f'<Channel ID="Channel:{gi}:{ci}" Name={quoteattr(name)} SamplesPerPixel="1"/>'
+            for ci, name in enumerate(group)
+        )
+        name = "fm2s" if regular else group[0]
+        images.append(
+            f'<Image ID="Image:{gi}" Name={quoteattr(name)}>'
+            f'<Pixels ID="Pixels:{gi}" DimensionOrder="XYZTC" Type="{dtype.name}" SizeX="{shape[1]}" '
+            f'SizeY="{shape[0]}" SizeZ="1" SizeC="{len(group)}" SizeT="{size_t}"{size}>'
+            f"{chan_xml}{''.join(tiffdata)}{''.join(plane_xml)}</Pixels></Image>"
+        )
+    first = escape(json.dumps(planes[0])) if planes else ""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" Creator="fm2s_stream">'
+        + "".join(images)
+        + '<StructuredAnnotations><CommentAnnotation ID="Annotation:0" Namespace="fm2s_stream/page0">'
+        f"<Value>{first}</Value></CommentAnnotation></StructuredAnnotations></OME>"
+    )
+
+
+class TiffSink:
+    """Writes denoised (or raw) frames to `<directory>/<prefix>_<kind>_<NNN>.ome.tif`."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        kind: str = "denoised",
+        prefix: str = "fm2s",
+        roll_every: int = 10_000,
+        pixel_size_um: float | None = None,
+        retry_s: float = 2.0,
+        fsync_every: int = 0,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.directory = Path(directory)
+        self.kind = kind
+        self.prefix = safe_name(prefix)
+        self.roll_every = roll_every
+        self.pixel_size_um = pixel_size_um
+        self.retry_s = retry_s
+        self.fsync_every = fsync_every
+        self.name = f"tiff-{kind}"
+        self.files: list[Path] = []
+        self.finalised: list[Path] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.written = 0
+        self._file: _OpenFile | None = None
+        self._next_index = 0
+        self._failed_at: float | None = None
+
+    def open(self) -> None:
+        """Create the directory (the first file is created with the first frame)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _new_file(self, shape: tuple[int, ...], dtype: np.dtype) -> _OpenFile:
+        while True:
+            path = self.directory / f"{self.prefix}_{self.kind}_{self._next_index:03d}.ome.tif"
+            self._next_index += 1
+            try:
+                handle: BinaryIO = open(path, "xb")  # noqa: SIM115 - owned by _OpenFile until close
+            except FileExistsError:
+                continue
+            break
+        self.files.append(path)
+        log.info("writing %s", path)
+        return _OpenFile(path, handle, tifffile.TiffWriter(handle, bigtiff=True), shape, dtype)
+
+    def write(self, result: Result) -> None:
+        """Append one page (and flush it to the OS); raise OSError if the frame could not be written."""
+        pixels = result.pixels if self.kind == "denoised" else result.frame.pixels
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < self.retry_s:
+            self._record_gap(result, self.gaps[-1]["reason"] if self.gaps else "disk unavailable")
+            raise OSError(f"{self.name}: frame {result.frame.frame_id} not written (disk unavailable)")
+        f = self._file
+        try:
+            if f is not None and (f.shape != pixels.shape or f.dtype != pixels.dtype
+                                  or len(f.planes) >= self.roll_every):
+                self._finish(f)
+                f = self._file = None
+            if f is None:
+                f = self._file = self._new_file(pixels.shape, pixels.dtype)
+            header = {**result.frame.identity(), "meta": result.frame.meta, "kind": self.kind}
+            if self.kind == "denoised":
+                header["fm2s"] = result.processing()
+            description = json.dumps(header, default=str)
+            f.writer.write(np.ascontiguousarray(pixels), contiguous=False, description=description,
+                           metadata=None, photometric="minisblack")
+            f.handle.flush()
+            if self.fsync_every and (len(f.planes) + 1) % self.fsync_every == 0:
+                os.fsync(f.handle.fileno())
+            f.planes.append(header)
+            self.written += 1
+            self._failed_at = None
+            if self.gaps and self.gaps[-1]["open"]:
+                self.gaps[-1]["open"] = False
+                log.warning("%s: writing again (%d frames missing)", self.name, self.gaps[-1]["count"])
+        except OSError as exc:
+            self._failed_at = now
+            self._record_gap(result, f"{type(exc).__name__}: {exc}")
+            self._abandon()
+            raise
+
+    def _record_gap(self, result: Result, reason: str) -> None:
+        fid = result.frame.frame_id
+        gap = self.gaps[-1] if self.gaps and self.gaps[-1]["open"] else None
+        if gap is None:
+            gap = {"first_frame_id": fid, "last_frame_id": fid, "count": 0, "reason": reason, "open": True}
+            self.gaps.append(gap)
+            log.error("%s: cannot write to %s (%s); frames are not saved until it recovers",
+                      self.name, self.directory, reason)
+        gap["last_frame_id"] = fid
+        gap["count"] += 1
+
+    def _abandon(self) -> None:
+        """Drop the broken file handle; what was written before stays readable."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        for closer in (f.writer.close, f.handle.close):
+            try:
+                closer()
+            except Exception as exc:  # the disk is already failing; report, keep going
+                log.warning("%s: closing %s after an error: %s", self.name, f.path, exc)
+
+    def _finish(self, f: _OpenFile) -> None:
+        f.writer.close()
+        f.handle.close()
+        if not f.planes:
+            return
+        xml = ome_xml(f.planes, f.shape, f.dtype, self.pixel_size_um)
+        tifffile.tiffcomment(f.path, comment=xml.encode("ascii", "xmlcharrefreplace"), pageindex=0)
+        self.finalised.append(f.path)
+
+    def close(self) -> None:
+        """Finalise the open file to OME-TIFF."""
+        f, self._file = self._file, None
+        if f is not None:
+            self._finish(f)
+        for gap in self.gaps:
+            gap["open"] = False
+
+    def stats(self) -> dict[str, Any]:
+        """Files, frames written and gaps, for reports."""
+        return {"files": [str(p) for p in self.files], "written": self.written, "gaps": self.gaps}

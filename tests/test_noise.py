@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from fm2s_stream.noise import M_MAX, NoiseInjector, inject_noise, tile_means
+from fm2s_stream.presets import NOISE_LEVELS, PRESETS, get_preset
+
+
+def test_tile_means_are_per_tile_and_clamped():
+    x = torch.zeros(1, 1, 10, 10)
+    x[..., :5, :5] = 0.1
+    x[..., 5:, 5:] = 0.9
+    m = tile_means(x, 5)
+    assert m[0, 0, 0, 0] == pytest.approx(0.1)
+    assert m[0, 0, 9, 9] == pytest.approx(M_MAX)  # clamped to 0.15
+    assert m[0, 0, 0, 9] == pytest.approx(1e-5)
+    assert tile_means(torch.rand(1, 1, 13, 7), 5).shape == (1, 1, 13, 7)  # padded, then cropped
+
+
+def test_noise_adapts_to_each_tile():
+    """Gaussian std grows with the tile mean (k_g*m/255), so a brighter tile is noisier in absolute terms."""
+    x = torch.full((1, 1, 200, 200), 0.02)
+    x[..., :, 100:] = 0.12
+    g = torch.Generator().manual_seed(0)
+    noisy = inject_noise(x, 100, k_g=200, k_p=1e9, lambda_p=1e9, generator=g)  # Gaussian part only
+    dark, bright = (noisy - x)[..., :, :100].std(), (noisy - x)[..., :, 100:].std()
+    assert float(dark) == pytest.approx(200 * 0.02 / 255, rel=0.1)
+    assert float(bright) == pytest.approx(200 * 0.12 / 255, rel=0.1)
+
+
+def test_poisson_gain_falls_with_tile_mean():
+    """Poisson part: var = x * m / k_p, i.e. relative noise is the same in every tile."""
+    x = torch.full((1, 1, 200, 200), 0.02)
+    x[..., :, 100:] = 0.1
+    g = torch.Generator().manual_seed(1)
+    noisy = inject_noise(x, 100, k_g=0, k_p=5, lambda_p=1e9, generator=g)
+    var_dark = float((noisy - x)[..., :, :100].var())
+    var_bright = float((noisy - x)[..., :, 100:].var())
+    assert var_dark == pytest.approx(0.02 * 0.02 / 5, rel=0.15)
+    assert var_bright == pytest.approx(0.1 * 0.1 / 5, rel=0.15)
+
+
+def test_injection_preserves_the_mean():
+    x = torch.rand(4, 2, 128, 128) * 0.5 + 0.2
+    p = PRESETS["confocal"]
+    noisy = NoiseInjector(p, seed=3)(x)
+    assert float(noisy.mean()) == pytest.approx(float(x.mean()), abs=0.01)
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    assert float((noisy - x).std()) > 0.01
+
+
+def test_seeded_determinism():
+    x = torch.rand(2, 2, 64, 64)
+    p = PRESETS["twophoton"]
+    a, b = NoiseInjector(p, seed=7)(x), NoiseInjector(p, seed=7)(x)
+    c = NoiseInjector(p, seed=8)(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_presets_and_tables():
+    assert get_preset("widefield").w_size == 11
+    assert get_preset("srdtrans").n_chan == 6
+    assert get_preset("confocal", averaged=4).k_p == NOISE_LEVELS["confocal"][4][1]
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="no table"):
+        get_preset("srdtrans", averaged=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_injection_on_cuda_is_seeded():
+    x = torch.rand(1, 2, 64, 64, device="cuda")
+    p = PRESETS["confocal"]
+    a = NoiseInjector(p, seed=1, device="cuda")(x)
+    b = NoiseInjector(p, seed=1, device="cuda")(x)
+    assert a.device.type == "cuda" and torch.equal(a, b)
