@@ -18,8 +18,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .offline import denoise, denoise_stack
     from .frame import Frame
+    from .offline import denoise, denoise_stack
     from .pipeline import Pipeline, PipelineConfig
     from .presets import Preset, get_preset
 

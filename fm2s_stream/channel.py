@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .offline import new_network
 from .model import FM2SNet
+from .offline import new_network
 from .presets import Preset
 from .scaling import Scaling, from_unit, scaling_for, to_unit
 from .training import Trainer, collapse_for_inference, make_target, random_crops

@@ -40,7 +40,7 @@ def denoise_unit(
     tgt_t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None, None].to(device)
     net = new_network(preset.n_chan, seed, device)
     report = Trainer(net, preset, device, seed=seed).fit(raw_t, tgt_t, schedule)
-    out = infer(net, raw_t)[0, 0].float().cpu().numpy()
+    out = infer(net, raw_t, schedule.tta)[0, 0].float().cpu().numpy()
     return out, report
 
 
@@ -111,7 +111,7 @@ def denoise_stack(
             plan = replace(scaled(sched, WARM_FRACTION), stage1_steps=0)
         target = torch.from_numpy(make_target(unit, p, sched.target).astype(np.float32))[None, None].to(dev)
         trainer.fit(raw_t, target, plan)
-        out[index] = from_unit(infer(trainer.net, raw_t)[0, 0].float().cpu().numpy(), scaling, plane.dtype)
+        out[index] = from_unit(infer(trainer.net, raw_t, sched.tta)[0, 0].float().cpu().numpy(), scaling, plane.dtype)
         if progress is not None:
             progress(i + 1, len(planes))
     return out

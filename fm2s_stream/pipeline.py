@@ -70,6 +70,7 @@ class Pipeline:
         self._worker = threading.Thread(target=self._run, name="fm2s-worker", daemon=True)
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.compute: Counter[str] = Counter()  # seconds spent in inference and in training
         self.rejects: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.latency_log: list[tuple[float, float]] = []  # (time since start, ms), for plots
@@ -166,8 +167,10 @@ class Pipeline:
         prep = None
         try:
             model = self.model_for(frame.channel)
+            t0 = time.perf_counter()
             prep = model.prepare(frame.pixels, (frame.p, frame.z))
             pixels, status = model.infer(prep)
+            self.compute["infer_s"] += time.perf_counter() - t0
             reason = None
         except Exception as exc:  # a broken frame or model must not stop the stream
             log.exception("denoising frame %s of %r failed; passing it raw", frame.frame_id, frame.channel)
@@ -199,7 +202,7 @@ class Pipeline:
         self, model: ChannelModel, prep: object, deadline: float | None, max_steps: int, at_least: int = 0
     ) -> None:
         """Train while no frame waits, until `deadline` or `max_steps` (but at least `at_least` steps)."""
-        steps = 0
+        steps, t0 = 0, time.perf_counter()
         while steps < max_steps:
             if steps >= at_least and (
                 not self._queue.empty() or (deadline is not None and time.perf_counter() > deadline)
@@ -215,6 +218,7 @@ class Pipeline:
             steps += 1
         with self._lock:
             self.counts["train_steps"] += steps
+            self.compute["train_s"] += time.perf_counter() - t0
 
     def _emit(self, result: Result, newest: bool) -> None:
         with self._lock:
@@ -245,6 +249,7 @@ class Pipeline:
         return {
             "counts": counts,
             "rejects": rejects,
+            "compute_s": dict(self.compute),
             "fps": counts.get("out", 0) / elapsed if elapsed else 0.0,
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,

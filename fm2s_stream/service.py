@@ -43,6 +43,7 @@ class ServiceOptions:
     bootstrap_steps: int = 300
     allow_remote: bool = False
     queue_size: int = 64
+    max_finetune_steps: int = 4
     extra_channel: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,7 +65,7 @@ class StreamService:
             **o.extra_channel,
         )
         config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads,
-                                queue_size=o.queue_size)
+                                queue_size=o.queue_size, max_finetune_steps=o.max_finetune_steps)
         sinks: list[FrameSink] = []
         self.push: ZmqPushSink | None = None
         if o.publish:

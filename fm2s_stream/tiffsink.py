@@ -88,7 +88,7 @@ def ome_xml(planes: list[dict[str, Any]], shape: tuple[int, ...], dtype: np.dtyp
         name = "fm2s" if regular else group[0]
         images.append(
             f'<Image ID="Image:{gi}" Name={quoteattr(name)}>'
-            f'<Pixels ID="Pixels:{gi}" DimensionOrder="XYZTC" Type="{dtype.name}" SizeX="{shape[1]}" '
+            f'<Pixels ID="Pixels:{gi}" DimensionOrder="XYCZT" Type="{dtype.name}" SizeX="{shape[1]}" '
             f'SizeY="{shape[0]}" SizeZ="1" SizeC="{len(group)}" SizeT="{size_t}"{size}>'
             f"{chan_xml}{''.join(tiffdata)}{''.join(plane_xml)}</Pixels></Image>"
         )

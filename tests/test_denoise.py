@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fm2s_stream import denoise
-from fm2s_stream.offline import denoise_stack
 from fm2s_stream.model import FM2SNet
+from fm2s_stream.offline import denoise_stack
 from fm2s_stream.presets import get_preset
 from fm2s_stream.synthetic import Camera, TimeLapse
 from fm2s_stream.training import SCHEDULES, Trainer, scaled

@@ -1,0 +1,80 @@
+"""Helpers for stream tests: a running StreamService on free loopback ports and a ZMQ client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from fm2s_stream.demo import free_port
+from fm2s_stream.frame import Frame
+from fm2s_stream.service import ServiceOptions, StreamService
+from fm2s_stream.wire import encode
+
+FAST_CHANNEL = {"bootstrap_steps": 12, "bootstrap_crop": 32, "finetune_crop": 32}
+
+
+def start_service(save: Path | None = None, **kw: Any) -> StreamService:
+    extra = dict(FAST_CHANNEL)
+    extra.update(kw.pop("extra_channel", {}))
+    bootstrap = extra.pop("bootstrap_steps")
+    opts = ServiceOptions(
+        source=f"tcp://127.0.0.1:{free_port()}", publish=f"tcp://127.0.0.1:{free_port()}", save=save,
+        threads=1, bootstrap_steps=bootstrap, extra_channel=extra, **kw,
+    )
+    return StreamService(opts).start()
+
+
+class Client:
+    """PUSH frames to the service, PULL results back on a thread."""
+
+    def __init__(self, service: StreamService) -> None:
+        ctx = zmq.Context.instance()
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(service.options.source)
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        assert service.options.publish
+        self.pull.connect(service.options.publish)
+        self.results: list[tuple[dict[str, Any], np.ndarray]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._recv, daemon=True)
+        self._thread.start()
+        time.sleep(0.3)
+
+    def _recv(self) -> None:
+        while not self._stop.is_set():
+            if self.pull.poll(50):
+                head, body = self.pull.recv_multipart()
+                h = json.loads(head)
+                self.results.append((h, np.frombuffer(body, np.dtype(h["dtype"])).reshape(h["shape"])))
+
+    def send(self, frame: Frame) -> None:
+        self.push.send_multipart(encode(frame), copy=False)
+
+    def send_raw(self, parts: list[bytes]) -> None:
+        self.push.send_multipart(parts)
+
+    def wait(self, n: int, timeout: float = 60) -> bool:
+        end = time.monotonic() + timeout
+        while len(self.results) < n and time.monotonic() < end:
+            time.sleep(0.02)
+        return len(self.results) >= n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.push.close()
+        self.pull.close()
+
+
+def noisy_frames(n: int, shape: tuple[int, int] = (64, 64), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(20, 200, shape)
+    return [(rng.poisson(base) * 4 + 100).astype(np.uint16) for _ in range(n)]

@@ -1,0 +1,160 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import zmq
+
+from fm2s_stream.demo import free_port
+from fm2s_stream.frame import Frame
+from tests.streamkit import Client, noisy_frames, start_service
+
+pytestmark = pytest.mark.slow
+
+
+def test_thousand_frames_pull_to_push_none_lost_order_kept(tmp_path):
+    service = start_service(save=tmp_path)
+    client = Client(service)
+    frames = noisy_frames(20)
+    for i in range(1000):
+        client.send(Frame(frames[i % 20], channel="c0", t=i, frame_id=i))
+    assert client.wait(1000, timeout=120), f"only {len(client.results)} of 1000 came back"
+    report = service.stop()
+    client.close()
+    ids = [h["frame_id"] for h, _ in client.results]
+    assert ids == list(range(1000))
+    assert report["counts"]["in"] == report["counts"]["out"] == 1000
+    assert all(px.dtype == np.uint16 and px.shape == (64, 64) for _, px in client.results)
+    assert report["files"]["denoised"]["written"] == 1000
+    with tifffile.TiffFile(report["files"]["denoised"]["files"][0]) as tif:
+        assert tif.is_ome and tif.series[0].shape == (1000, 64, 64)
+    statuses = {h["fm2s"]["status"] for h, _ in client.results}
+    assert statuses <= {"bootstrap", "denoised"} and "denoised" in statuses
+
+
+def test_two_channels_get_two_models_and_a_valid_ome_tiff(tmp_path):
+    service = start_service(save=tmp_path, save_kind="both")
+    client = Client(service)
+    frames = noisy_frames(4)
+    for t in range(30):
+        for c, name in enumerate(("DAPI", "GFP")):
+            client.send(Frame(frames[(t + c) % 4], channel=name, t=t, frame_id=2 * t + c))
+    assert client.wait(60)
+    report = service.stop()
+    client.close()
+    assert set(report["channels"]) == {"DAPI", "GFP"}
+    assert all(ch["steps"] >= 12 and ch["ready"] for ch in report["channels"].values())
+    for kind in ("denoised", "raw"):
+        path = report["files"][kind]["files"][0]
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_ome
+            series = tif.series[0]
+            assert series.shape == (30, 2, 64, 64) and series.axes == "TCYX"
+            assert "DAPI" in tif.ome_metadata and "GFP" in tif.ome_metadata
+            data = series.asarray()
+    np.testing.assert_array_equal(data[3, 1], frames[(3 + 1) % 4])  # raw file holds the raw pixels
+
+
+def test_malformed_messages_are_rejected_and_service_keeps_serving():
+    service = start_service()
+    client = Client(service)
+    good = noisy_frames(1)[0]
+    h = {"v": 1, "dtype": "<u2", "shape": [64, 64], "channel": "c", "t": 0, "z": 0, "p": 0, "frame_id": 1,
+         "ts": 0.0, "meta": {}}
+    enc = lambda **kw: json.dumps({**h, **kw}).encode()  # noqa: E731
+    bad = [
+        [b"not json", good.tobytes()], [enc(), b"\x00" * 10], [enc(shape=[10**5, 10**5]), b"\x00"],
+        [enc(dtype="|O"), good.tobytes()], [enc(), good.tobytes(), b"x"], [enc(v=99), good.tobytes()],
+        [json.dumps({"dtype": "<u2"}).encode(), good.tobytes()], [enc(shape=[64]), good.tobytes()],
+        [b"\xff\xfe", b""], [enc(dtype="<f8", shape=[8, 8]), np.full(64, np.nan).tobytes()], [enc()],
+        [enc(channel="a\x01"), good.tobytes()],
+    ]
+    for parts in bad:
+        client.send_raw(parts)
+    for i in range(3):
+        client.send(Frame(good, channel="c", frame_id=100 + i))
+    assert client.wait(3, timeout=60)
+    time.sleep(0.2)
+    report = service.stop()
+    client.close()
+    assert [r[0]["frame_id"] for r in client.results] == [100, 101, 102]
+    assert report["counts"]["rejected"] == len(bad)
+    assert sum(report["rejects"].values()) == len(bad) and len(report["rejects"]) >= 8
+
+
+def test_shape_change_mid_stream_is_handled_and_files_roll(tmp_path):
+    service = start_service(save=tmp_path)
+    client = Client(service)
+    small, big = noisy_frames(1, (64, 64))[0], noisy_frames(1, (48, 80))[0]
+    for i in range(6):
+        client.send(Frame(small if i < 3 else big, channel="c", t=i, frame_id=i))
+    assert client.wait(6)
+    report = service.stop()
+    client.close()
+    assert [r[1].shape for r in client.results] == [(64, 64)] * 3 + [(48, 80)] * 3
+    assert report["channels"]["c"]["shape_changes"] == 1
+    files = report["files"]["denoised"]["files"]
+    assert len(files) == 2 and [tifffile.imread(f).shape for f in files] == [(3, 64, 64), (3, 48, 80)]
+
+
+def test_serve_killed_with_sigkill_leaves_a_readable_tiff_and_restart_never_overwrites(tmp_path):
+    src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "fm2s_stream.cli", "serve", "--source", src, "--publish", pub,
+           "--save", str(tmp_path), "--threads", "1", "--status-every", "0.2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ctx = zmq.Context.instance()
+        push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        push.connect(src)
+        pull.connect(pub)
+        pull.setsockopt(zmq.RCVTIMEO, 30000)
+        frames = noisy_frames(5)
+        acked = []
+        for i in range(25):
+            push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [64, 64], "frame_id": i,
+                                             "channel": "c", "t": i}).encode(), frames[i % 5].tobytes()])
+            acked.append(json.loads(pull.recv_multipart()[0])["frame_id"])
+        time.sleep(0.3)  # the disk relay runs beside the publish relay
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    files = sorted(tmp_path.glob("*.ome.tif"))
+    assert len(files) == 1
+    with tifffile.TiffFile(files[0]) as tif:
+        pages = [json.loads(p.description)["frame_id"] for p in tif.pages]
+        data = np.stack([p.asarray() for p in tif.pages])
+    assert pages == acked == list(range(25))
+    assert data.shape == (25, 64, 64)
+    # a restart writes a new file next to it and never touches the old one
+    before = files[0].read_bytes()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)
+    push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [64, 64], "frame_id": 0,
+                                     "channel": "c"}).encode(), frames[0].tobytes()])
+    pull.recv_multipart()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out.decode().strip().splitlines()[-1])["counts"]["out"] == 1
+    assert files[0].read_bytes() == before
+    assert len(sorted(tmp_path.glob("*.ome.tif"))) == 2
+    push.close(0)
+    pull.close(0)
+
+
+def test_remote_bind_needs_explicit_opt_in():
+    from fm2s_stream.adapters.zmq import check_endpoint
+
+    with pytest.raises(ValueError, match="not a loopback"):
+        check_endpoint("tcp://0.0.0.0:5555", allow_remote=False)
+    assert check_endpoint("tcp://127.0.0.1:5555", allow_remote=False)
+    assert check_endpoint("tcp://localhost:5555", allow_remote=False)
+    env = dict(os.environ)
+    assert env is not None
