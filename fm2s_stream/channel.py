@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .devices import fast_inference_dtype
 from .model import FM2SNet
 from .offline import new_network
 from .presets import Preset
 from .scaling import Scaling, from_unit, scaling_for, to_unit
-from .training import Trainer, collapse_for_inference, make_target, random_crops
+from .training import Trainer, collapse_for_inference, make_target, random_crops, target_crops
 
 __all__ = ["ChannelConfig", "ChannelModel", "Prepared", "register_shift"]
 
@@ -46,6 +47,7 @@ class ChannelConfig:
     temporal: bool = True
     motion_threshold: float = 3.0
     snapshot_every: int = 20
+    inference_dtype: str = "auto"  # "auto" (bfloat16 where native, see devices), "float32", "bfloat16"
 
 
 @dataclass
@@ -58,7 +60,9 @@ class Prepared:
     tensor: torch.Tensor  # (1, 1, H, W) on the device
     position: tuple[int, int]
     target: torch.Tensor | None = None  # stage-1 target, computed lazily
+    previous: np.ndarray | None = None  # the previous frame of the same position, for temporal steps
     pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (current, previous) aligned overlap
+    pair_checked: bool = False
 
 
 def register_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
@@ -70,6 +74,27 @@ def register_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     dy, dx = np.unravel_index(int(np.argmax(corr)), corr.shape)
     h, w = a.shape
     return (int(dy) - h if dy > h // 2 else int(dy), int(dx) - w if dx > w // 2 else int(dx))
+
+
+def _overlap(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Index windows (in cur, in prev) where cur[y, x] ~ prev[y - dy, x - dx]."""
+    cur = (slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx)))
+    prev = (slice(max(0, -dy), h + min(0, -dy)), slice(max(0, -dx), w + min(0, -dx)))
+    return cur, prev
+
+
+def refine_shift(cur: np.ndarray, prev: np.ndarray, dy: int, dx: int) -> tuple[int, int]:
+    """The best integer shift within +-1 pixel of (dy, dx), by the blurred frames' squared difference."""
+    h, w = cur.shape
+    a, b = ndimage.gaussian_filter(cur, 1.0), ndimage.gaussian_filter(prev, 1.0)
+    best, best_err = (dy, dx), np.inf
+    for ey in (-1, 0, 1):
+        for ex in (-1, 0, 1):
+            (ya, xa), (yb, xb) = _overlap(h, w, dy + ey, dx + ex)
+            err = float(np.mean((a[ya, xa] - b[yb, xb]) ** 2)) if a[ya, xa].size else np.inf
+            if err < best_err:
+                best, best_err = (dy + ey, dx + ex), err
+    return best
 
 
 class ChannelModel:
@@ -92,6 +117,10 @@ class ChannelModel:
         self.restores = 0
         self.shape_changes = 0
         self._inference_net: FM2SNet | None = None
+        self.inference_dtype = (
+            fast_inference_dtype(self.device) if config.inference_dtype == "auto"
+            else getattr(torch, config.inference_dtype)
+        )
         self._previous: dict[tuple[int, int], np.ndarray] = {}
         self._good_state = copy.deepcopy(self.net.state_dict())
         self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
@@ -129,34 +158,41 @@ class ChannelModel:
             out = make_target(prep.unit, self.config.preset, "gauss")
             return from_unit(out, prep.scaling, prep.raw.dtype), "bootstrap"
         if self._inference_net is None:
-            self._inference_net = collapse_for_inference(self.net).to(memory_format=torch.channels_last)
+            one = collapse_for_inference(self.net).to(self.inference_dtype)
+            self._inference_net = one.to(memory_format=torch.channels_last)
         with torch.inference_mode():
-            x = prep.tensor.contiguous(memory_format=torch.channels_last)
+            x = prep.tensor.to(self.inference_dtype).contiguous(memory_format=torch.channels_last)
             out = self._inference_net(x)[0, 0].float().cpu().numpy()
         return from_unit(out, prep.scaling, prep.raw.dtype), "denoised"
 
     # -- learning ----------------------------------------------------------------------------------
     def _target(self, prep: Prepared) -> torch.Tensor:
+        """The full-frame target (stage 1 only; later steps compute it per crop)."""
         if prep.target is None:
             t = make_target(prep.unit, self.config.preset, self.config.target)
             prep.target = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))[None, None].to(self.device)
         return prep.target
 
     def remember(self, prep: Prepared) -> None:
-        """Pair this frame with the previous one of its position (temporal steps) and store it."""
+        """Keep this frame as its position's previous frame; link the one before it for temporal steps."""
         if not self.config.temporal:
             return
         prev = self._previous.get(prep.position)
         self._previous[prep.position] = prep.unit
-        if prev is None or prev.shape != prep.unit.shape:
-            return
-        pair = aligned_pair(prep.unit, prev, self.config.motion_threshold)
-        if pair is None:
-            self.motion_rejects += 1
-            return
-        cur, old = pair
-        to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
-        prep.pair = (to_t(cur), to_t(old))
+        if prev is not None and prev.shape == prep.unit.shape:
+            prep.previous = prev
+
+    def _pair(self, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Registered (current, previous) overlap, computed once per frame; None if motion-guarded out."""
+        if not prep.pair_checked and prep.previous is not None:
+            prep.pair_checked = True
+            pair = aligned_pair(prep.unit, prep.previous, self.config.motion_threshold)
+            if pair is None:
+                self.motion_rejects += 1
+            else:
+                to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
+                prep.pair = (to_t(pair[0]), to_t(pair[1]))
+        return prep.pair
 
     def train_step(self, prep: Prepared) -> bool:
         """One Adam step on this frame (cold start or fine-tune). False if it failed and was undone."""
@@ -164,8 +200,8 @@ class ChannelModel:
         try:
             if not self.ready:
                 loss = self._bootstrap_step(prep)
-            elif prep.pair is not None and self.steps % 2 == 1:
-                loss = self._temporal_step(prep.pair)
+            elif self.steps % 2 == 1 and (pair := self._pair(prep)) is not None:
+                loss = self._temporal_step(pair)
             else:
                 self.trainer.set_lr(cfg.finetune_lr)
                 loss = self._noise_step(prep, cfg.finetune_crop, cfg.finetune_batch)
@@ -183,10 +219,9 @@ class ChannelModel:
 
     def _bootstrap_step(self, prep: Prepared) -> float:
         cfg = self.config
-        tgt = self._target(prep)
         if self.steps < 5:  # stage 1: structure, full frame
             self.trainer.set_lr(1e-3)
-            loss = self.trainer.structure_steps(prep.tensor, tgt, 1)
+            loss = self.trainer.structure_steps(prep.tensor, self._target(prep), 1)
         else:
             i = self.steps - 5
             n = max(1, cfg.bootstrap_steps - 5)
@@ -199,7 +234,7 @@ class ChannelModel:
         return loss
 
     def _noise_step(self, prep: Prepared, crop: int, batch: int) -> float:
-        y1 = random_crops(self._target(prep)[0], crop, batch, self.trainer.crop_rng)
+        y1 = target_crops(prep.unit, self.config.preset, self.config.target, crop, batch, self.trainer.crop_rng)
         y = self.trainer._replicate(y1)
         return self.trainer.step(self.trainer.injector(y), y)
 
@@ -244,12 +279,12 @@ def aligned_pair(
     difference's noise predicts for a blurred field (kappa = 1 / (4 pi sigma^2)).
     """
     h, w = cur.shape
-    small_a, small_b = ndimage.gaussian_filter(cur, 2.0), ndimage.gaussian_filter(prev, 2.0)
-    dy, dx = register_shift(small_a, small_b)
+    half = lambda a: a[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))  # noqa: E731
+    dy, dx = register_shift(ndimage.gaussian_filter(half(cur), 1.0), ndimage.gaussian_filter(half(prev), 1.0))
+    dy, dx = refine_shift(cur, prev, 2 * dy, 2 * dx)  # registered at half resolution, refined to 1 pixel
     if abs(dy) > h // 4 or abs(dx) > w // 4:
         return None
-    ys, xs = slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx))
-    yp, xp = slice(max(0, -dy), h + min(0, -dy)), slice(max(0, -dx), w + min(0, -dx))
+    (ys, xs), (yp, xp) = _overlap(h, w, dy, dx)
     a, b = cur[ys, xs], prev[yp, xp]
     if min(a.shape) < 32:
         return None

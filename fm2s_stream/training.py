@@ -29,6 +29,7 @@ __all__ = [
     "infer",
     "make_target",
     "random_crops",
+    "target_crops",
 ]
 
 
@@ -98,6 +99,27 @@ def random_crops(
     ys = torch.randint(0, h - ch + 1, (batch,), generator=generator).tolist()
     xs = torch.randint(0, w - cw + 1, (batch,), generator=generator).tolist()
     return torch.stack([stack[:, y : y + ch, x : x + cw] for y, x in zip(ys, xs)])
+
+
+def target_crops(
+    unit: np.ndarray, preset: Preset, kind: str, size: int, batch: int, generator: torch.Generator
+) -> torch.Tensor:
+    """`batch` random size x size windows of the pre-denoised target, (batch, 1, size, size).
+
+    The target is computed on each window plus a margin, not on the whole frame: the same values
+    away from the frame's border, at a fraction of the cost (this runs on every fine-tune step).
+    """
+    h, w = unit.shape
+    ch, cw = min(size, h), min(size, w)
+    margin = max(preset.w_size // 2, 4) + 1
+    ys = torch.randint(0, h - ch + 1, (batch,), generator=generator).tolist()
+    xs = torch.randint(0, w - cw + 1, (batch,), generator=generator).tolist()
+    out = np.empty((batch, 1, ch, cw), np.float32)
+    for i, (y, x) in enumerate(zip(ys, xs)):
+        y0, x0 = max(0, y - margin), max(0, x - margin)
+        window = unit[y0 : min(h, y + ch + margin), x0 : min(w, x + cw + margin)]
+        out[i, 0] = make_target(window, preset, kind)[y - y0 : y - y0 + ch, x - x0 : x - x0 + cw]
+    return torch.from_numpy(out)
 
 
 @dataclass
