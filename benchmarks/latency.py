@@ -54,7 +54,7 @@ def run(size: int, channels: int, finetune: bool, fps: float, n: int, device: st
     distinct = [[lapse.frame(t)[0] for t in range(6)] for lapse in lapses]
     opts = ServiceOptions(source=f"tcp://127.0.0.1:{free_port()}", publish=f"tcp://127.0.0.1:{free_port()}",
                           preset="confocal", threads=threads, device=device, budget_ms=50,
-                          max_finetune_steps=4 if finetune else 0)
+                          max_finetune_steps=8 if finetune else 0)
     service = StreamService(opts).start()
     ctx = zmq.Context.instance()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)

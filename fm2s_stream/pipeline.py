@@ -47,7 +47,7 @@ class PipelineConfig:
     channel: ChannelConfig
     budget_ms: float = 50.0
     queue_size: int = 64
-    max_finetune_steps: int = 4
+    max_finetune_steps: int = 8
     threads: int = 2
     init_from_first_channel: bool = False
 
@@ -76,6 +76,8 @@ class Pipeline:
         self.latency_log: list[tuple[float, float]] = []  # (time since start, ms), for plots
         self.started_at = 0.0
         self._running = False
+        self._infer_ema = 0.0  # seconds, smoothed: what one inference costs
+        self._step_ema = 0.0  # seconds, smoothed: what one fine-tune step costs
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
@@ -170,7 +172,10 @@ class Pipeline:
             t0 = time.perf_counter()
             prep = model.prepare(frame.pixels, (frame.p, frame.z))
             pixels, status = model.infer(prep)
-            self.compute["infer_s"] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.compute["infer_s"] += elapsed
+            if status == "denoised":
+                self._infer_ema = elapsed if self._infer_ema == 0 else 0.9 * self._infer_ema + 0.1 * elapsed
             reason = None
         except Exception as exc:  # a broken frame or model must not stop the stream
             log.exception("denoising frame %s of %r failed; passing it raw", frame.frame_id, frame.channel)
@@ -190,13 +195,18 @@ class Pipeline:
             log.exception("temporal pairing failed for %r", frame.channel)
         if not model.ready:  # a cold start always progresses, by at least one step per frame
             self._learn(model, prep, frame.received + self.config.budget_ms / 1000, 10**9, at_least=1)
-        elif backlog == 0:
-            deadline = frame.received + self.config.budget_ms / 1000
-            self._learn(model, prep, deadline, self.config.max_finetune_steps)
+        elif backlog == 0 and self._step_fits_budget():
+            # a frame arriving mid-step waits at most one step: steps are only taken while
+            # step + inference fits the budget, and they stop as soon as a frame waits
+            self._learn(model, prep, None, self.config.max_finetune_steps)
         else:
             with self._lock:
                 self.counts["finetune_skipped"] += 1
         return model, prep
+
+    def _step_fits_budget(self) -> bool:
+        """True while one fine-tune step plus one inference fits the latency budget."""
+        return (self._step_ema + self._infer_ema) * 1000 <= self.config.budget_ms
 
     def _learn(
         self, model: ChannelModel, prep: object, deadline: float | None, max_steps: int, at_least: int = 0
@@ -208,6 +218,7 @@ class Pipeline:
                 not self._queue.empty() or (deadline is not None and time.perf_counter() > deadline)
             ):
                 break
+            t_step = time.perf_counter()
             try:
                 model.train_step(prep)  # type: ignore[arg-type]
             except Exception:
@@ -216,6 +227,9 @@ class Pipeline:
                     self.counts["train_failures"] += 1
                 return
             steps += 1
+            if model.ready:
+                dt = time.perf_counter() - t_step
+                self._step_ema = dt if self._step_ema == 0 else 0.9 * self._step_ema + 0.1 * dt
         with self._lock:
             self.counts["train_steps"] += steps
             self.compute["train_s"] += time.perf_counter() - t0

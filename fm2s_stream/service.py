@@ -40,10 +40,10 @@ class ServiceOptions:
     seed: int = 0
     threads: int = 2
     temporal: bool = True
-    bootstrap_steps: int = 300
+    bootstrap_steps: int = 455
     allow_remote: bool = False
     queue_size: int = 64
-    max_finetune_steps: int = 4
+    max_finetune_steps: int = 8
     extra_channel: dict[str, Any] = field(default_factory=dict)
 
 
