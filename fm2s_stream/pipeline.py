@@ -50,6 +50,7 @@ class PipelineConfig:
     max_finetune_steps: int = 8
     threads: int = 2
     init_from_first_channel: bool = False
+    cold_start: str = "classical"  # "classical": answer with the pre-denoiser meanwhile; "wait": train first
 
 
 class Pipeline:
@@ -171,6 +172,9 @@ class Pipeline:
             model = self.model_for(frame.channel)
             t0 = time.perf_counter()
             prep = model.prepare(frame.pixels, (frame.p, frame.z))
+            if not model.ready and self.config.cold_start == "wait":
+                while not model.ready:
+                    model.train_step(prep)
             pixels, status = model.infer(prep)
             elapsed = time.perf_counter() - t0
             self.compute["infer_s"] += elapsed
