@@ -201,6 +201,23 @@ def cmd_mm_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Print one JSON line per file: the noise estimate and the derived FM2S parameters."""
+    from .adapters.files import ImageFileError, iter_planes, read_image
+    from .calibrate import calibrate
+
+    failures = 0
+    for name in args.files:
+        try:
+            data, _ = read_image(name)
+            plane = next(iter_planes(data))[1] if data.ndim > 2 else data
+            print(json.dumps({"file": name, **calibrate(plane, args.base, args.offset)}))
+        except (ImageFileError, ValueError) as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 # -- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
@@ -244,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=0.1, help="seconds between time points")
     _add_model_args(p)
     p.set_defaults(func=cmd_mm_demo)
+
+    p = sub.add_parser("calibrate", help="estimate camera noise per file; print JSON")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--base", default="confocal", help="preset whose noise balance the derived parameters keep")
+    p.add_argument("--offset", type=float, default=None, help="camera offset (ADU), for read noise in e-")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("send", help="replay an image stack into a stream")
     p.add_argument("file")

@@ -1,0 +1,46 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from fm2s_stream import cli
+from fm2s_stream.calibrate import estimate_noise, fm2s_parameters, preset_variance
+from fm2s_stream.presets import get_preset
+from fm2s_stream.scaling import scaling_for
+from fm2s_stream.synthetic import Camera, make_scene
+
+SCENE = make_scene((512, 512), np.random.default_rng(0), peak=300, background=10)
+
+
+@pytest.mark.parametrize(("gain", "read"), [(0.5, 3.0), (2.0, 1.0), (2.0, 3.0), (5.0, 1.0), (20.0, 1.0)])
+def test_gain_and_read_noise_of_white_noise_cameras(gain, read):
+    cam = Camera(gain=gain, read_noise=read, offset=100.0)
+    est = estimate_noise(cam.expose(SCENE, np.random.default_rng(1)))
+    assert est.a == pytest.approx(gain, rel=0.15)
+    assert est.read_noise_electrons(100.0) == pytest.approx(read, rel=0.2)
+    assert est.rho < 0.1
+
+
+def test_correlated_noise_is_detected():
+    est = estimate_noise(Camera(gain=2.0, read_noise=3.0, correlation=0.7).expose(SCENE, np.random.default_rng(2)))
+    assert est.rho > 0.3
+
+
+def test_derived_parameters_scale_with_the_noise():
+    quiet = Camera(gain=1.0, read_noise=1.0).expose(SCENE * 4, np.random.default_rng(3))
+    noisy = Camera(gain=4.0, read_noise=1.0).expose(SCENE, np.random.default_rng(3))
+    p_quiet = fm2s_parameters(estimate_noise(quiet), quiet)
+    p_noisy = fm2s_parameters(estimate_noise(noisy), noisy)
+    assert p_noisy.lambda_p < p_quiet.lambda_p and p_noisy.k_p < p_quiet.k_p  # stronger injection
+    x = 0.1
+    assert preset_variance(p_noisy, x) > 1.5 * preset_variance(p_quiet, x)
+    assert scaling_for(noisy).span > 0 and get_preset("confocal").n_chan == p_noisy.n_chan
+
+
+def test_calibrate_cli_prints_json(tmp_path, capsys):
+    path = tmp_path / "f.tif"
+    tifffile.imwrite(path, Camera(gain=2.0, read_noise=2.0).expose(SCENE, np.random.default_rng(4)))
+    assert cli.main(["calibrate", str(path), "--offset", "100"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["gain_adu_per_e"] == pytest.approx(2.0, rel=0.15) and "fm2s" in out and "read_noise_e" in out
