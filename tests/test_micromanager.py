@@ -138,3 +138,25 @@ def test_hook_failure_inside_the_denoiser_passes_raw_and_keeps_going(core, monke
     assert statuses == ["denoised", "raw", "denoised", "denoised"]
     assert outs[1][0] is frames[1][0] and report["hook"]["errors"] == 1
     assert report["counts"]["raw"] == 1 and model.restores >= 1
+
+
+@pytest.mark.parametrize("mode", ["divert", "replace"])
+def test_hook_inside_a_real_pycromanager_acquisition_writes_ndtiff(tmp_path, mode):
+    ndtiff = pytest.importorskip("ndtiff", reason="needs ndtiff")
+    pytest.importorskip("pycromanager", reason="needs pycromanager")
+    from tests.pycromanager_shim import run_acquisition
+
+    sink = Collect()
+    hook = Fm2sHook(PipelineConfig(QUICK, threads=2, cold_start="wait"), mode=mode, sinks=[sink], deadline_s=30)
+    path = run_acquisition(str(tmp_path), hook, timepoints=4)
+    report = hook.close()
+    data = np.asarray(ndtiff.Dataset(path).as_array())
+    assert data.shape[-2:] == (128, 128) and data.reshape(-1, 128, 128).shape[0] == 4
+    assert data.dtype == np.uint16
+    assert len(sink.results) == 4 and report["hook"]["calls"] == 4
+    stored = data.reshape(-1, 128, 128)
+    if mode == "divert":
+        np.testing.assert_array_equal(stored, np.stack([r.frame.pixels for r in sink.results]))
+    else:
+        np.testing.assert_array_equal(stored, np.stack([r.pixels for r in sink.results]))
+        assert report["hook"]["denoised"] == 4
