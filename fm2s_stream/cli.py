@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"fm2s-stream serving {args.source} ({args.source_type}); Ctrl-C to stop", file=sys.stderr)
-    while not stop.wait(args.status_every):
+    while not stop.wait(args.status_every if args.status_every > 0 else 0.5):
         if args.status_every > 0:
             print("\r" + service.pipeline.status_line() + "   ", end="", file=sys.stderr, flush=True)
     print("\nstopping: draining queue and finalising files", file=sys.stderr)
