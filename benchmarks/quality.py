@@ -85,7 +85,12 @@ def parse_overrides(text: str) -> dict[str, object]:
         if key not in fields:
             raise SystemExit(f"unknown schedule field {key!r}")
         current = getattr(SCHEDULES["fast"], key)
-        out[key] = value if isinstance(current, str) else (None if value == "None" else type(current or 0)(value))
+        if isinstance(current, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, str):
+            out[key] = value
+        else:
+            out[key] = None if value == "None" else type(current or 0)(value)
     return out
 
 

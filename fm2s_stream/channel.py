@@ -39,13 +39,15 @@ class ChannelConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     target: str = "mix"
-    bootstrap_steps: int = 455
+    bootstrap_steps: int = 905
     bootstrap_crop: int = 128
     bootstrap_batch: int = 4
-    bootstrap_lr: float = 4e-3
+    bootstrap_lr: float = 2e-3
+    bootstrap_lr_final: float = 1e-3
     finetune_crop: int = 96
     finetune_batch: int = 2
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 1e-3
+    train_bf16: bool = True  # bfloat16 autocast for training steps where native (see devices)
     temporal: bool = True
     motion_threshold: float = 3.0
     snapshot_every: int = 20
@@ -110,6 +112,7 @@ class ChannelModel:
         if init_from is not None:
             self.net.load_state_dict(init_from.net.state_dict())
         self.trainer = Trainer(self.net, config.preset, self.device, seed=config.seed, lr=config.bootstrap_lr)
+        self.trainer.bf16 = config.train_bf16 and fast_inference_dtype(self.device) == torch.bfloat16
         self.scaling: Scaling | None = None
         self.shape: tuple[int, int] | None = None
         self.bootstrap_done = init_from is not None and init_from.ready
@@ -227,7 +230,8 @@ class ChannelModel:
         else:
             i = self.steps - 5
             n = max(1, cfg.bootstrap_steps - 5)
-            lr = 1e-4 + 0.5 * (cfg.bootstrap_lr - 1e-4) * (1 + math.cos(math.pi * min(i, n) / n))
+            lo = cfg.bootstrap_lr_final
+            lr = lo + 0.5 * (cfg.bootstrap_lr - lo) * (1 + math.cos(math.pi * min(i, n) / n))
             self.trainer.set_lr(lr)
             loss = self._noise_step(prep, cfg.bootstrap_crop, cfg.bootstrap_batch)
         if self.steps + 1 >= cfg.bootstrap_steps:

@@ -40,7 +40,7 @@ class ServiceOptions:
     seed: int = 0
     threads: int = 2
     temporal: bool = True
-    bootstrap_steps: int = 455
+    bootstrap_steps: int = 905
     allow_remote: bool = False
     queue_size: int = 64
     max_finetune_steps: int = 8

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .devices import fast_inference_dtype
 from .model import FM2SNet
 from .noise import NoiseInjector
 from .presets import Preset
@@ -41,7 +42,9 @@ class Schedule:
     injection per round; crop/batch: random crops per step (crop None = the full frame);
     lr -> lr_final: cosine decay over stage 2; target: the pre-denoiser ("median" = the paper's);
     refine_steps: extra stage-2 steps whose target is the network's own output after stage 2;
-    tta: inference averaged over this many flips/rotations of the frame (1, 2, 4 or 8).
+    tta: inference averaged over this many flips/rotations of the frame (1, 2, 4 or 8);
+    bf16: train with bfloat16 autocast where the hardware runs it natively (~2x faster steps on CPUs
+    with AMX; weights and the loss stay float32).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Schedule:
     target: str
     refine_steps: int = 0
     tta: int = 1
+    bf16: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -64,7 +68,7 @@ class Schedule:
 
 SCHEDULES: dict[str, Schedule] = {
     "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median"),
-    "fast": Schedule("fast", 5, 450, 1, 128, 4, 4e-3, 1e-4, "mix", tta=8),
+    "fast": Schedule("fast", 5, 900, 1, 128, 4, 2e-3, 1e-3, "mix", tta=8, bf16=True),
 }
 
 
@@ -149,6 +153,7 @@ class Trainer:
         self.crop_rng = torch.Generator().manual_seed(seed + 1)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         self.steps = 0
+        self.bf16 = False
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group."""
@@ -163,7 +168,9 @@ class Trainer:
     def step(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
         """One Adam step of MSE(net(inputs), target) on (N, n_chan, H, W) tensors."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.mse_loss(self.net(inputs), target)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.net(inputs)
+        loss = F.mse_loss(out.float(), target)
         loss.backward()
         self.optimizer.step()
         self.steps += 1
@@ -209,6 +216,7 @@ class Trainer:
 
     def fit(self, raw: torch.Tensor, target: torch.Tensor, schedule: Schedule) -> TrainReport:
         """Both stages of `schedule` on one frame ((1, 1, H, W) raw and target in [0, 1])."""
+        self.bf16 = schedule.bf16 and fast_inference_dtype(self.device) == torch.bfloat16
         self.set_lr(schedule.lr)
         self.structure_steps(raw, target, schedule.stage1_steps)
         decay = None if schedule.lr == schedule.lr_final else (schedule.lr, schedule.lr_final)
