@@ -242,7 +242,7 @@ class ChannelModel:
     def _noise_step(self, prep: Prepared, crop: int, batch: int) -> float:
         y1 = target_crops(prep.unit, self.config.preset, self.config.target, crop, batch, self.trainer.crop_rng)
         y = self.trainer._replicate(y1)
-        return self.trainer.step(self.trainer.injector(y), y)
+        return self.trainer.step(self.trainer._replicate(self.trainer.injector(y1)), y)  # shared noise, as `fast`
 
     def _temporal_step(self, pair: tuple[torch.Tensor, torch.Tensor]) -> float:
         cfg = self.config
