@@ -38,14 +38,18 @@ def test_disk_full_is_reported_and_zmq_output_continues(tmp_path):
     pull.setsockopt(zmq.RCVTIMEO, 60000)
     frames = noisy_frames(4, (256, 256))
     got = []
-    for i in range(30):
-        push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [256, 256], "frame_id": i,
-                                         "channel": "c"}).encode(), frames[i % 4].tobytes()])
-        got.append(json.loads(pull.recv_multipart()[0])["frame_id"])
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    push.close(0)
-    pull.close(0)
+    try:
+        for i in range(30):
+            push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [256, 256], "frame_id": i,
+                                             "channel": "c"}).encode(), frames[i % 4].tobytes()])
+            got.append(json.loads(pull.recv_multipart()[0])["frame_id"])
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        push.close(0)
+        pull.close(0)
     assert proc.returncode == 0, err.decode()[-2000:]
     report = json.loads(out.decode().strip().splitlines()[-1])
     assert got == list(range(30))  # the ZMQ output never stopped

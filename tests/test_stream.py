@@ -135,12 +135,16 @@ def test_serve_killed_with_sigkill_leaves_a_readable_tiff_and_restart_never_over
     # a restart writes a new file next to it and never touches the old one
     before = files[0].read_bytes()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(3)
-    push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [64, 64], "frame_id": 0,
-                                     "channel": "c"}).encode(), frames[0].tobytes()])
-    pull.recv_multipart()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    try:
+        time.sleep(3)
+        push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [64, 64], "frame_id": 0,
+                                         "channel": "c"}).encode(), frames[0].tobytes()])
+        pull.recv_multipart()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, err.decode()
     assert json.loads(out.decode().strip().splitlines()[-1])["counts"]["out"] == 1
     assert files[0].read_bytes() == before
