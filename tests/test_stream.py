@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -160,8 +159,9 @@ def test_remote_bind_needs_explicit_opt_in():
         check_endpoint("tcp://0.0.0.0:5555", allow_remote=False)
     assert check_endpoint("tcp://127.0.0.1:5555", allow_remote=False)
     assert check_endpoint("tcp://localhost:5555", allow_remote=False)
-    env = dict(os.environ)
-    assert env is not None
+    assert check_endpoint("tcp://10.1.2.3:5555", allow_remote=True)  # allowed, with a warning
+    with pytest.raises(ValueError, match="unsupported endpoint"):
+        check_endpoint("udp://127.0.0.1:1", allow_remote=False)
 
 
 def test_registration_follows_a_panning_stage_and_the_guard_rejects_a_new_scene():
