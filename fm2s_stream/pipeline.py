@@ -203,6 +203,12 @@ class Pipeline:
             # a frame arriving mid-step waits at most one step: steps are only taken while
             # step + inference fits the budget, and they stop as soon as a frame waits
             self._learn(model, prep, None, self.config.max_finetune_steps)
+        elif backlog == 0:
+            # over budget: skip, but let the estimate decay so that one-off costs (kernel set-up,
+            # a busy moment) do not switch fine-tuning off for good; the next step re-measures it
+            self._step_ema *= 0.9
+            with self._lock:
+                self.counts["finetune_skipped"] += 1
         else:
             with self._lock:
                 self.counts["finetune_skipped"] += 1
