@@ -89,7 +89,7 @@ def latency_plot(points: list[tuple[float, float, str]], path: Path, budget_ms: 
 
 def run_demo(
     out_dir: Path,
-    seconds: float = 20.0,
+    seconds: float = 30.0,
     fps: float = 20.0,
     size: int = 512,
     preset: str = "confocal",
@@ -98,6 +98,7 @@ def run_demo(
     device: str = "auto",
     seed: int = 0,
     say: Callable[[str], None] = print,
+    bootstrap_steps: int = 300,
 ) -> dict[str, Any]:
     """Run the demo and return its report (also written to report.json in the run directory)."""
     import zmq
@@ -122,6 +123,7 @@ def run_demo(
         truth[i] = gt
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
+                             bootstrap_steps=bootstrap_steps,
                              budget_ms=budget_ms, threads=threads, device=device, seed=seed)
     service = StreamService(options).start()
     ctx = zmq.Context.instance()
@@ -222,7 +224,9 @@ def format_summary(s: dict[str, Any], run: Path) -> str:
 def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register the `demo` sub-command."""
     p = sub.add_parser("demo", help="synthetic 2-channel camera -> ZMQ -> fm2s -> ZMQ + OME-TIFF")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--bootstrap-steps", type=int, default=300,
+                   help="cold-start steps per channel (serve: 905; shorter so the demo shows the network)")
     p.add_argument("--fps", type=float, default=20.0, help="camera frames per second (channels alternate)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
@@ -231,7 +235,8 @@ def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
 
     def run(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), args.seconds, args.fps, args.size, args.preset, args.budget_ms,
-                 args.threads, args.device, args.seed, say=lambda m: print(m, file=sys.stdout, flush=True))
+                 args.threads, args.device, args.seed, say=lambda m: print(m, file=sys.stdout, flush=True),
+                 bootstrap_steps=args.bootstrap_steps)
         return 0
 
     p.set_defaults(func=run)
