@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-import time
 from urllib.parse import urlsplit
 
 import zmq
@@ -215,12 +214,3 @@ class PreviewPubSink:
         if self._sock is not None:
             self._sock.close(linger=0)
 
-
-def wait_for(predicate: object, timeout: float, interval: float = 0.01) -> bool:
-    """Poll `predicate()` until true or `timeout` seconds passed (small helper for tools and tests)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(interval)
-    return False
