@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--methods", default="stream,stream-notemporal,fast,gauss1")
     ap.add_argument("--paper", action="store_true", help="also run the reference schedule (slow)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="keep fields whose name contains this")
     ap.add_argument("--fps", type=float, default=2.0, help="time-lapse frame rate")
     ap.add_argument("--max-steps", type=int, default=30, help="fine-tune steps per frame at most")
     ap.add_argument("--json", type=Path, default=None)
@@ -95,6 +96,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",") + (["paper"] if args.paper else [])
     fields = sorted({p.stem.rsplit("_", 1)[0] for p in (args.data / "raw").glob("*_4.png")})
+    fields = [f for f in fields if args.only in f]
     table: list[dict[str, Any]] = []
     print(f"{'field':20s} {'method':18s} {'t=1':>6s} {'t=2':>6s} {'t=3':>6s} {'t=4':>6s} {'mean 2-4':>8s} "
           f"{'s/frame':>8s}  notes")

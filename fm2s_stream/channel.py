@@ -307,5 +307,8 @@ def aligned_pair(
     small_change = energy <= STRUCTURE_FRACTION * max(structure, 1e-12)
     if not (noise_explained or small_change):
         return None
+    mean_b = float(b.mean())
+    if mean_b > 1e-6:  # the target must not teach a brightness change (bleaching, lamp drift)
+        b = b * np.float32(float(a.mean()) / mean_b)
     return a, b
 
