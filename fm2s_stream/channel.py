@@ -24,7 +24,7 @@ from .model import FM2SNet
 from .offline import new_network
 from .presets import Preset
 from .scaling import Scaling, from_unit, scaling_for, to_unit
-from .training import Trainer, collapse_for_inference, make_target, random_crops, target_crops
+from .training import Trainer, as_batch, collapse_for_inference, make_target, random_crops, target_crops
 
 STRUCTURE_FRACTION = 0.5
 
@@ -145,7 +145,7 @@ class ChannelModel:
         self.shape = shape
         self.scaling = self._update_scaling(pixels)
         unit = to_unit(pixels, self.scaling)
-        tensor = torch.from_numpy(unit)[None, None].to(self.device)
+        tensor = as_batch(unit, self.device)
         return Prepared(pixels, unit, self.scaling, tensor, position)
 
     def _update_scaling(self, pixels: np.ndarray) -> Scaling:
@@ -175,7 +175,7 @@ class ChannelModel:
         """The full-frame target (stage 1 only; later steps compute it per crop)."""
         if prep.target is None:
             t = make_target(prep.unit, self.config.preset, self.config.target)
-            prep.target = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))[None, None].to(self.device)
+            prep.target = as_batch(t, self.device)
         return prep.target
 
     def remember(self, prep: Prepared) -> None:
@@ -195,8 +195,7 @@ class ChannelModel:
             if pair is None:
                 self.motion_rejects += 1
             else:
-                to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
-                prep.pair = (to_t(pair[0]), to_t(pair[1]))
+                prep.pair = (as_batch(pair[0], self.device)[0], as_batch(pair[1], self.device)[0])
         return prep.pair
 
     def train_step(self, prep: Prepared) -> bool:

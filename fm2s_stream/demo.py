@@ -166,7 +166,7 @@ def run_demo(
     push.close(linger=0)
     pull.close(linger=0)
 
-    lat = np.array([(received[i][0] - sent[i]) * 1000 for i in sorted(received)])
+    lat = np.array([lat_of(received, sent, i) for i in sorted(received)])
     steady = [i for i in received if received[i][1]["fm2s"]["status"] == "denoised"]
     rows = {"raw": [], "gauss1": [], "fm2s": []}
     for i in steady[-min(len(steady), 40):]:
@@ -191,7 +191,7 @@ def run_demo(
         lo, hi = np.percentile(gt, [0.5, 99.8])
         panel = np.concatenate([to8(raw, lo, hi), to8(den, lo, hi), to8(gt, lo, hi)], axis=1)
         Image.fromarray(panel).save(run / "before_after.png")
-    points = [(sent[i] - t0, (received[i][0] - sent[i]) * 1000, received[i][1]["fm2s"]["status"])
+    points = [(sent[i] - t0, lat_of(received, sent, i), received[i][1]["fm2s"]["status"])
               for i in sorted(received)]
     latency_plot(points, run / "latency.png", budget_ms)
     (run / "report.json").write_text(json.dumps(summary, indent=1, default=str))

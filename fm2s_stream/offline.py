@@ -12,7 +12,7 @@ from .devices import resolve_device
 from .model import FM2SNet
 from .presets import Preset, get_preset
 from .scaling import check_frame, from_unit, scaling_for, to_unit
-from .training import SCHEDULES, Schedule, Trainer, TrainReport, infer, make_target, scaled
+from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer, make_target, scaled
 
 __all__ = ["denoise", "denoise_stack", "denoise_unit", "new_network"]
 
@@ -36,8 +36,7 @@ def denoise_unit(
 ) -> tuple[np.ndarray, TrainReport]:
     """Train a fresh network on a [0, 1] float frame and return its denoised version."""
     target = make_target(unit, preset, schedule.target)
-    raw_t = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None].to(device)
-    tgt_t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None, None].to(device)
+    raw_t, tgt_t = as_batch(unit, device), as_batch(target, device)
     net = new_network(preset.n_chan, seed, device)
     report = Trainer(net, preset, device, seed=seed).fit(raw_t, tgt_t, schedule)
     out = infer(net, raw_t, schedule.tta)[0, 0].float().cpu().numpy()
@@ -102,14 +101,14 @@ def denoise_stack(
         channel = index[c_axis] if c_axis is not None else 0
         scaling = scaling_for(plane)
         unit = to_unit(plane, scaling)
-        raw_t = torch.from_numpy(unit)[None, None].to(dev)
+        raw_t = as_batch(unit, dev)
         trainer = trainers.get(channel)
         if trainer is None:
             trainer = trainers[channel] = Trainer(new_network(p.n_chan, seed + channel, dev), p, dev, seed=seed)
             plan = sched
         else:
             plan = replace(scaled(sched, WARM_FRACTION), stage1_steps=0)
-        target = torch.from_numpy(make_target(unit, p, sched.target).astype(np.float32))[None, None].to(dev)
+        target = as_batch(make_target(unit, p, sched.target), dev)
         trainer.fit(raw_t, target, plan)
         out[index] = from_unit(infer(trainer.net, raw_t, sched.tta)[0, 0].float().cpu().numpy(), scaling, plane.dtype)
         if progress is not None:

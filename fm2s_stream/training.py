@@ -26,6 +26,7 @@ __all__ = [
     "Schedule",
     "TrainReport",
     "Trainer",
+    "as_batch",
     "collapse_for_inference",
     "infer",
     "make_target",
@@ -106,6 +107,11 @@ def random_crops(
     ys = torch.randint(0, h - ch + 1, (batch,), generator=generator).tolist()
     xs = torch.randint(0, w - cw + 1, (batch,), generator=generator).tolist()
     return torch.stack([stack[:, y : y + ch, x : x + cw] for y, x in zip(ys, xs)])
+
+
+def as_batch(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A 2D float array as a (1, 1, H, W) float32 tensor on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
 
 
 def target_crops(
