@@ -18,6 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..frame import Result
 from ..pipeline import Pipeline
 from ..wire import WireError, decode, encode_result, pack_single
+from .curve import CurveKeys, secure_client, secure_server
 
 __all__ = ["PreviewPubSink", "ZmqPushSink", "ZmqSource", "check_endpoint", "is_loopback"]
 
@@ -37,8 +38,9 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-def check_endpoint(endpoint: str, allow_remote: bool) -> str:
-    """Validate an endpoint to bind; non-loopback ones need `allow_remote` and are warned about."""
+def check_endpoint(endpoint: str, allow_remote: bool, encrypted: bool = False) -> str:
+    """Validate an endpoint to bind; non-loopback ones need `allow_remote` and are warned about
+    unless CurveZMQ encrypts and authenticates them."""
     if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
         raise ValueError(f"unsupported endpoint {endpoint!r}: use tcp://HOST:PORT, ipc:// or inproc://")
     if not is_loopback(endpoint):
@@ -46,7 +48,9 @@ def check_endpoint(endpoint: str, allow_remote: bool) -> str:
             raise ValueError(
                 f"{endpoint} is not a loopback address; pass --bind HOST to accept remote peers"
             )
-        log.warning("binding %s: reachable from other machines (consider CurveZMQ keys)", endpoint)
+        if not encrypted:
+            log.warning("binding %s: reachable from other machines, unencrypted and unauthenticated "
+                        "(use --curve KEYDIR)", endpoint)
     return endpoint
 
 
@@ -60,12 +64,14 @@ class ZmqSource:
         bind: bool = True,
         context: zmq.Context | None = None,
         rcvhwm: int = 16,
+        curve: CurveKeys | None = None,
     ) -> None:
         if kind not in ("pull", "sub"):
             raise ValueError("source kind must be 'pull' or 'sub'")
         self.endpoint, self.kind, self.bind = endpoint, kind, bind
         self.context = context or zmq.Context.instance()
         self.rcvhwm = rcvhwm
+        self.curve = curve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -86,6 +92,8 @@ class ZmqSource:
         sock.setsockopt(zmq.MAXMSGSIZE, 8 * 8192 * 8192 + 65536)  # a hard cap before any parsing
         if self.kind == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.curve is not None:
+            (secure_server if self.bind else secure_client)(sock, self.curve)
         (sock.bind if self.bind else sock.connect)(self.endpoint)
         return sock
 
@@ -125,10 +133,12 @@ class ZmqPushSink:
     at all, frames are counted as `no_receiver` instead of stalling the whole stream.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, sndhwm: int = 64) -> None:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, sndhwm: int = 64,
+                 curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()
         self.sndhwm = sndhwm
+        self.curve = curve
         self.name = "zmq-push"
         self.sent = 0
         self.no_receiver = 0
@@ -142,6 +152,8 @@ class ZmqPushSink:
         sock.setsockopt(zmq.SNDHWM, self.sndhwm)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.SNDTIMEO, 200)
+        if self.curve is not None:
+            secure_server(sock, self.curve)
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         sock.bind(self.endpoint)
         self._sock = sock
@@ -188,9 +200,11 @@ class PreviewPubSink:
     Single-part so that subscribers can set ZMQ_CONFLATE and always see the newest frame.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()
+        self.curve = curve
         self.name = "zmq-preview"
         self._sock: zmq.Socket | None = None
         self.sent = 0
@@ -200,6 +214,8 @@ class PreviewPubSink:
         sock = self.context.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, 2)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            secure_server(sock, self.curve)
         sock.bind(self.endpoint)
         self._sock = sock
 

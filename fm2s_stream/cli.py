@@ -1,4 +1,4 @@
-"""fm2s-stream: the command line (denoise, serve, demo, send, receive)."""
+"""fm2s-stream: the command line (denoise, serve, demo, mm-demo, calibrate, send, receive, keys)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal,
         allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
+        curve=Path(args.curve) if args.curve else None,
     )
 
 
@@ -107,7 +108,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- send / receive ------------------------------------------------------------------------------------
+# -- send / receive / keys -----------------------------------------------------------------------------
+def _secure_client(sock, curve: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Make `sock` a CurveZMQ client when a key directory is given."""
+    if curve:
+        from .adapters.curve import CurveKeys, secure_client
+
+        secure_client(sock, CurveKeys(curve))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create CurveZMQ server and client key pairs (for `serve/send/receive --curve DIR`)."""
+    from .adapters.curve import make_keys
+
+    try:
+        made = make_keys(args.directory)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(made))
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """Replay an image file's planes as wire-format frames on a PUSH (or PUB) socket."""
     import zmq
@@ -118,6 +140,11 @@ def cmd_send(args: argparse.Namespace) -> int:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.PUSH if args.socket == "push" else zmq.PUB)
     sock.setsockopt(zmq.LINGER, 5000)
+    try:
+        _secure_client(sock, args.curve)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sock.connect(args.to)
     time.sleep(0.2)
     source = FileSource(args.file, channel=args.channel)
@@ -150,6 +177,11 @@ def cmd_receive(args: argparse.Namespace) -> int:
     sock = ctx.socket(zmq.PULL if args.socket == "pull" else zmq.SUB)
     if args.socket == "sub":
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+    try:
+        _secure_client(sock, args.curve)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sock.connect(args.from_)
     sink = TiffSink(args.save, kind="raw", prefix="received") if args.save else None
     if sink:
@@ -248,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
     p.add_argument("--bind", default=None, help="host other than 127.0.0.1 to accept (warned about)")
     p.add_argument("--status-every", type=float, default=1.0, help="seconds between status lines")
+    p.add_argument("--curve", default=None, metavar="KEYDIR",
+                   help="CurveZMQ: encrypt all sockets, accept only clients in KEYDIR/authorized")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -275,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", default="default")
     p.add_argument("--fps", type=float, default=0.0, help="pace frames (0 = as fast as possible)")
     p.add_argument("--first-id", type=int, default=0)
+    p.add_argument("--curve", default=None, metavar="KEYDIR", help="connect as the CurveZMQ client in KEYDIR")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("receive", help="capture a stream into a TIFF")
@@ -283,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="directory for the TIFF")
     p.add_argument("--count", type=int, default=0, help="stop after N frames (0 = until Ctrl-C)")
     p.add_argument("--timeout", type=float, default=0.0, help="stop after S seconds (0 = never)")
+    p.add_argument("--curve", default=None, metavar="KEYDIR", help="connect as the CurveZMQ client in KEYDIR")
     p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("keys", help="create CurveZMQ key pairs for remote use")
+    p.add_argument("directory", help="new (or empty) directory for the keys")
+    p.set_defaults(func=cmd_keys)
     return ap
 
 

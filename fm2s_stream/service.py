@@ -1,4 +1,9 @@
-"""StreamService: wires a ZMQ source, the pipeline and the ZMQ/TIFF sinks as `serve` and `demo` run them."""
+"""StreamService: wires a ZMQ source, the pipeline and the ZMQ/TIFF sinks as `serve` and `demo` run them.
+
+With both a save directory and a PUSH output, the TIFF sinks and the PUSH sink share one relay in
+that order: a frame is published only after it was written (or its gap recorded), so a receiver
+that got frame N knows every frame up to N survives a crash of the server.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,13 @@ from typing import Any
 
 import zmq
 
+from .adapters.curve import CurveKeys, start_authenticator
 from .adapters.zmq import PreviewPubSink, ZmqPushSink, ZmqSource, check_endpoint
 from .channel import ChannelConfig
 from .devices import resolve_device
 from .pipeline import Pipeline, PipelineConfig
 from .presets import get_preset
-from .sinks import FrameSink
+from .sinks import FrameSink, SinkChain
 from .tiffsink import TiffSink
 
 __all__ = ["ServiceOptions", "StreamService"]
@@ -44,6 +50,7 @@ class ServiceOptions:
     allow_remote: bool = False
     queue_size: int = 64
     max_finetune_steps: int = 8
+    curve: Path | None = None  # CurveZMQ key directory (`fm2s-stream keys`): encrypt + authenticate
     extra_channel: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,10 +59,18 @@ class StreamService:
 
     def __init__(self, options: ServiceOptions, context: zmq.Context | None = None) -> None:
         self.options = o = options
-        self.context = context or zmq.Context.instance()
+        self.curve = CurveKeys(o.curve) if o.curve else None
         for endpoint in (o.source, o.publish, o.preview):
             if endpoint:
-                check_endpoint(endpoint, o.allow_remote)
+                check_endpoint(endpoint, o.allow_remote, encrypted=self.curve is not None)
+        self.auth = None
+        if self.curve is not None:
+            self.curve.load("server", secret=True)  # fail now, with a clear message, if keys are missing
+            # a context of its own: its authenticator must not judge other sockets of this process
+            self.context = zmq.Context()
+            self.auth = start_authenticator(self.context, self.curve)
+        else:
+            self.context = context or zmq.Context.instance()
         channel = ChannelConfig(
             preset=get_preset(o.preset),
             device=resolve_device(o.device),
@@ -66,20 +81,17 @@ class StreamService:
         )
         config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads,
                                 queue_size=o.queue_size, max_finetune_steps=o.max_finetune_steps)
-        sinks: list[FrameSink] = []
-        self.push: ZmqPushSink | None = None
-        if o.publish:
-            self.push = ZmqPushSink(o.publish, self.context)
-            sinks.append(self.push)
         self.tiffs: list[TiffSink] = []
         if o.save is not None:
             kinds = ("denoised", "raw") if o.save_kind == "both" else (o.save_kind,)
             for kind in kinds:
                 self.tiffs.append(TiffSink(o.save, kind, roll_every=o.roll_every, pixel_size_um=o.pixel_size_um))
-            sinks.extend(self.tiffs)
-        previews: list[FrameSink] = [PreviewPubSink(o.preview, self.context)] if o.preview else []
+        self.push = ZmqPushSink(o.publish, self.context, curve=self.curve) if o.publish else None
+        durable: list[FrameSink] = [*self.tiffs, *([self.push] if self.push else [])]
+        sinks: list[FrameSink] = [SinkChain(durable)] if durable else []
+        previews: list[FrameSink] = [PreviewPubSink(o.preview, self.context, self.curve)] if o.preview else []
         self.pipeline = Pipeline(config, sinks, previews)
-        self.source = ZmqSource(o.source, o.source_type, bind=True, context=self.context)
+        self.source = ZmqSource(o.source, o.source_type, bind=True, context=self.context, curve=self.curve)
 
     def start(self) -> StreamService:
         """Open sinks, start the worker, then start receiving."""
@@ -93,6 +105,8 @@ class StreamService:
         """Stop receiving, process every queued frame, finalise files; return the final report."""
         self.source.stop()
         self.pipeline.stop()
+        if self.auth is not None:
+            self.auth.stop()
         return self.report()
 
     def report(self) -> dict[str, Any]:

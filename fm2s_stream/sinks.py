@@ -3,6 +3,8 @@
 A lossless relay has a bounded queue and makes the worker wait when it is full (backpressure up to
 the source); a lossy relay (preview) drops its oldest entry instead. A sink's exception is logged
 and counted, never raised into the worker; frames it failed on are counted as `failed`.
+A SinkChain runs several sinks in order on one relay, so that a frame is on disk before it is
+published: whoever receives frame N over ZMQ knows frames up to N are saved (or reported missing).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from .frame import Result
 
-__all__ = ["FrameSink", "SinkRelay"]
+__all__ = ["FrameSink", "SinkChain", "SinkRelay"]
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +112,41 @@ class SinkRelay:
         """Counters for reports."""
         return {"written": self.written, "failed": self.failed, "dropped": self.dropped,
                 "queued": self.depth, "last_error": self.last_error}
+
+
+class SinkChain:
+    """Several sinks written in order, on one thread: each member gets every frame even if an
+    earlier one failed on it; the first failure is re-raised once all members have had the frame."""
+
+    def __init__(self, sinks: list[FrameSink]) -> None:
+        if not sinks:
+            raise ValueError("a SinkChain needs at least one sink")
+        self.sinks = list(sinks)
+        self.name = "+".join(s.name for s in self.sinks)
+
+    def open(self) -> None:
+        """Open every member, in order."""
+        for sink in self.sinks:
+            sink.open()
+
+    def write(self, result: Result) -> None:
+        """Deliver to each member in order; raise the first member's error afterwards."""
+        first: Exception | None = None
+        for sink in self.sinks:
+            try:
+                sink.write(result)
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        """Close every member, even if one fails (the first error is raised afterwards)."""
+        first: Exception | None = None
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from fm2s_stream.adapters.curve import CurveKeys, secure_client
 from fm2s_stream.demo import free_port
 from fm2s_stream.frame import Frame
 from fm2s_stream.service import ServiceOptions, StreamService
@@ -33,13 +34,16 @@ def start_service(save: Path | None = None, **kw: Any) -> StreamService:
 class Client:
     """PUSH frames to the service, PULL results back on a thread."""
 
-    def __init__(self, service: StreamService) -> None:
+    def __init__(self, service: StreamService, curve: CurveKeys | None = None) -> None:
         ctx = zmq.Context.instance()
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
-        self.push.connect(service.options.source)
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            secure_client(self.push, curve)
+            secure_client(self.pull, curve)
+        self.push.connect(service.options.source)
         assert service.options.publish
         self.pull.connect(service.options.publish)
         self.results: list[tuple[dict[str, Any], np.ndarray]] = []

@@ -11,7 +11,6 @@ useq = pytest.importorskip("useq", reason="needs useq-schema")
 from fm2s_stream.adapters.mm_demo import build_core  # noqa: E402
 from fm2s_stream.adapters.mmcore import MMCoreSource, SignalSink  # noqa: E402
 from fm2s_stream.adapters.pycromanager import Fm2sHook  # noqa: E402
-
 from fm2s_stream.channel import ChannelConfig  # noqa: E402
 from fm2s_stream.frame import Result  # noqa: E402
 from fm2s_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
