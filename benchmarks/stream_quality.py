@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,35 +27,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import classical, load, preset_for, psnr
 
 from fm2s_stream.channel import ChannelConfig
-from fm2s_stream.frame import Frame, Result
+from fm2s_stream.frame import Frame
 from fm2s_stream.offline import denoise
 from fm2s_stream.pipeline import Pipeline, PipelineConfig
 from fm2s_stream.presets import get_preset
-
-
-class Collect:
-    """An in-memory sink: frame_id -> Result."""
-
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.results: dict[int, Result] = {}
-        self.event = threading.Event()
-
-    def open(self) -> None:
-        pass
-
-    def write(self, result: Result) -> None:
-        self.results[result.frame.frame_id] = result
-        self.event.set()
-
-    def close(self) -> None:
-        pass
+from fm2s_stream.sinks import MemorySink
 
 
 def stream_field(raws: list[np.ndarray], preset: str, temporal: bool, threads: int, period: float,
                  max_steps: int) -> dict[str, Any]:
-    sink = Collect()
+    sink = MemorySink()
     cfg = PipelineConfig(ChannelConfig(get_preset(preset), temporal=temporal), threads=threads,
                          max_finetune_steps=max_steps, budget_ms=1000 * period)
     out: dict[str, Any] = {"psnr": [], "pixels": []}
@@ -69,13 +49,12 @@ def stream_field(raws: list[np.ndarray], preset: str, temporal: bool, threads: i
         c0 = dict(pipe.compute)
         for t in range(1, len(raws)):
             pipe.submit(Frame(raws[t], channel=preset, t=t, frame_id=t))
-            while t not in sink.results:
-                time.sleep(0.005)
+            sink.wait_for(t, timeout=600)
             time.sleep(period)  # the rest of the frame period: fine-tuning happens here
         c1 = dict(pipe.compute)
     out["compute_s_per_frame"] = sum(c1.get(k, 0) - c0.get(k, 0) for k in ("infer_s", "train_s")) / (len(raws) - 1)
-    out["pixels"] = [sink.results[t].pixels for t in range(len(raws))]
-    out["status"] = [sink.results[t].status for t in range(len(raws))]
+    out["pixels"] = [sink.by_id[t].pixels for t in range(len(raws))]
+    out["status"] = [sink.by_id[t].status for t in range(len(raws))]
     return out
 
 

@@ -108,6 +108,7 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
     m, n = mean[smooth], noise[smooth]
     if m.size < 16:
         raise ValueError("frame too structured or too small to estimate its noise (need flat regions)")
+    bins = max(1, min(bins, m.size // 8))  # small frames: fewer, fuller bins
     edges = np.unique(np.quantile(m, np.linspace(0, 1, bins + 1)))
     xs, ys, ws = [], [], []
     for lo, hi in itertools.pairwise(edges):
@@ -117,6 +118,8 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
             ys.append(float(np.median(n[sel])) / _median_bias(TILE))
             ws.append(float(sel.sum()))
     x, y, wt = np.array(xs), np.array(ys), np.array(ws)
+    if x.size == 0 or not np.all(np.isfinite(y)):
+        raise ValueError("too few flat regions to estimate the noise")
     if x.size >= 2 and np.ptp(x) > 0:
         a, b = np.polyfit(x, y, 1, w=np.sqrt(wt) / np.maximum(y, 1e-12))
     else:

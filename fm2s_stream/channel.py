@@ -3,7 +3,9 @@
 Life of a channel: the first frame starts a *cold start* (stage 1, then stage-2 crop steps up to
 `bootstrap_steps`); until it is done, frames are answered with the classical pre-denoiser and
 flagged `bootstrap`. After that every frame gets full-frame inference, then a few *fine-tune*
-steps on random crops of that frame with fresh FM2S noise injection. With `temporal` on, some steps
+steps on random crops of that frame with fresh FM2S noise injection. Each output keeps the raw
+frame's low spatial frequencies (anchor: photometry) and static pixels of consecutive outputs are
+averaged (TemporalAverage: flicker). With `temporal` on, some steps
 are Noise2Noise-in-time: the current raw frame is mapped onto the previous raw frame of the same
 position, after registration, and only when a motion guard says the two show the same scene.
 A snapshot of the last good weights is kept; a failing or diverging step restores it.
@@ -19,11 +21,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .anchor import anchor
 from .devices import fast_inference_dtype
 from .model import FM2SNet
 from .offline import new_network
 from .presets import Preset
-from .scaling import Scaling, from_unit, scaling_for, to_unit
+from .scaling import Scaling, from_unit, quantize, scaling_for, to_unit
+from .temporal import TemporalAverage
 from .training import Trainer, as_batch, collapse_for_inference, make_target, random_crops, target_crops
 
 STRUCTURE_FRACTION = 0.5
@@ -52,6 +56,9 @@ class ChannelConfig:
     motion_threshold: float = 3.0
     snapshot_every: int = 20
     inference_dtype: str = "auto"  # "auto" (bfloat16 where native, see devices), "float32", "bfloat16"
+    anchor_sigma: float = 16.0  # keep the raw frame's spatial frequencies below this scale (px); 0 = off
+    average_frames: int = 8  # motion-adaptive average of static pixels over up to N outputs; 1 = off
+    average_threshold: float = 4.0  # restart a pixel's average beyond this many noise std of change
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Prepared:
     previous: np.ndarray | None = None  # the previous frame of the same position, for temporal steps
     pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (current, previous) aligned overlap
     pair_checked: bool = False
+    averaged: float = 1.0  # mean frames averaged per pixel in this frame's output
 
 
 def register_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
@@ -127,6 +135,7 @@ class ChannelModel:
             else getattr(torch, config.inference_dtype)
         )
         self._previous: dict[tuple[int, int], np.ndarray] = {}
+        self.average = TemporalAverage(config.average_frames, config.average_threshold)
         self._good_state = copy.deepcopy(self.net.state_dict())
         self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
 
@@ -142,6 +151,7 @@ class ChannelModel:
         if self.shape is not None and shape != self.shape:
             self.shape_changes += 1
             self._previous.clear()
+            self.average.reset()
         self.shape = shape
         self.scaling = self._update_scaling(pixels)
         unit = to_unit(pixels, self.scaling)
@@ -168,7 +178,10 @@ class ChannelModel:
         with torch.inference_mode():
             x = prep.tensor.to(self.inference_dtype).contiguous(memory_format=torch.channels_last)
             out = self._inference_net(x)[0, 0].float().cpu().numpy()
-        return from_unit(out, prep.scaling, prep.raw.dtype), "denoised"
+        camera = out.astype(np.float32) * np.float32(prep.scaling.span) + np.float32(prep.scaling.black)
+        camera = anchor(camera, prep.raw, self.config.anchor_sigma)
+        camera, prep.averaged = self.average.apply(prep.raw, camera, prep.position)
+        return quantize(camera, prep.raw.dtype), "denoised"
 
     # -- learning ----------------------------------------------------------------------------------
     def _target(self, prep: Prepared) -> torch.Tensor:
@@ -270,7 +283,7 @@ class ChannelModel:
         return {
             "ready": self.ready, "steps": self.steps, "temporal_steps": self.temporal_steps,
             "motion_rejects": self.motion_rejects, "restores": self.restores,
-            "shape_changes": self.shape_changes,
+            "shape_changes": self.shape_changes, "scene_changes": self.average.scene_changes,
         }
 
 

@@ -69,6 +69,7 @@ class Result:
     status: "denoised" (network), "bootstrap" (classical pre-denoiser during a cold start) or
     "raw" (passed through after an error, `reason` says why). degraded: fine-tuning was cut for
     latency, or the frame is not network-denoised. steps: the channel model's total step count.
+    averaged: mean number of consecutive frames averaged per pixel (1 = this frame alone).
     """
 
     frame: Frame
@@ -78,8 +79,10 @@ class Result:
     steps: int
     latency_ms: float
     reason: str | None = None
+    averaged: float = 1.0
 
     def processing(self) -> dict[str, Any]:
         """The processing fields added to a frame's header on output."""
         return {"status": self.status, "degraded": self.degraded, "steps": self.steps,
-                "latency_ms": round(self.latency_ms, 3), "reason": self.reason}
+                "latency_ms": round(self.latency_ms, 3), "reason": self.reason,
+                "frames_averaged": round(self.averaged, 3)}

@@ -188,7 +188,8 @@ class Pipeline:
             pixels, status, reason = np.array(frame.pixels, copy=True), "raw", f"{type(exc).__name__}: {exc}"
         latency = (time.perf_counter() - frame.received) * 1000
         degraded = status != "denoised" or backlog > 0
-        result = Result(frame, pixels, status, degraded, model.steps if model else 0, latency, reason)
+        averaged = prep.averaged if prep is not None and status == "denoised" else 1.0
+        result = Result(frame, pixels, status, degraded, model.steps if model else 0, latency, reason, averaged)
         self._emit(result, newest=backlog == 0)
         if model is None or prep is None or status == "raw":
             return None

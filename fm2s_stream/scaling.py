@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SUPPORTED_DTYPES", "Scaling", "check_frame", "from_unit", "scaling_for", "to_unit"]
+__all__ = ["SUPPORTED_DTYPES", "Scaling", "check_frame", "from_unit", "quantize", "scaling_for", "to_unit"]
 
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 MIN_SIDE = 8
@@ -72,6 +72,10 @@ def to_unit(frame: np.ndarray, scaling: Scaling) -> np.ndarray:
 
 def from_unit(unit: np.ndarray, scaling: Scaling, dtype: np.dtype) -> np.ndarray:
     """[0, 1] domain -> camera units of `dtype`, rounded and clipped to the dtype's range only."""
+    return quantize(unit.astype(np.float64) * scaling.span + scaling.black, dtype)
+
+
+def quantize(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float camera units -> `dtype`, rounded and clipped to the dtype's range only."""
     info = np.iinfo(dtype)
-    out = np.rint(unit.astype(np.float64) * scaling.span + scaling.black)
-    return np.clip(out, info.min, info.max).astype(dtype)
+    return np.clip(np.rint(values), info.min, info.max).astype(dtype)

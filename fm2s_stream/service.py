@@ -47,6 +47,7 @@ class ServiceOptions:
     threads: int = 2
     temporal: bool = True
     bootstrap_steps: int = 905
+    average_frames: int = 8
     allow_remote: bool = False
     queue_size: int = 64
     max_finetune_steps: int = 8
@@ -77,6 +78,7 @@ class StreamService:
             seed=o.seed,
             temporal=o.temporal,
             bootstrap_steps=o.bootstrap_steps,
+            average_frames=o.average_frames,
             **o.extra_channel,
         )
         config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads,

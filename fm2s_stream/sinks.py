@@ -12,11 +12,12 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Protocol, runtime_checkable
 
 from .frame import Result
 
-__all__ = ["FrameSink", "SinkChain", "SinkRelay"]
+__all__ = ["FrameSink", "MemorySink", "SinkChain", "SinkRelay"]
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,37 @@ class SinkChain:
                 first = first or exc
         if first is not None:
             raise first
+
+
+class MemorySink:
+    """Keeps every result in memory, in arrival order (for the Python API, benchmarks and tests)."""
+
+    def __init__(self, name: str = "memory") -> None:
+        self.name = name
+        self.results: list[Result] = []
+        self.by_id: dict[int, Result] = {}
+        self._cond = threading.Condition()
+
+    def open(self) -> None:
+        """Nothing to acquire."""
+
+    def write(self, result: Result) -> None:
+        """Store the result and wake waiters."""
+        with self._cond:
+            self.results.append(result)
+            self.by_id[result.frame.frame_id] = result
+            self._cond.notify_all()
+
+    def wait_for(self, frame_id: int, timeout: float = 60.0) -> Result:
+        """The result of `frame_id`, waiting for it up to `timeout` seconds (TimeoutError after)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while frame_id not in self.by_id:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no result for frame {frame_id} within {timeout} s")
+                self._cond.wait(left)
+            return self.by_id[frame_id]
+
+    def close(self) -> None:
+        """Nothing to release; results stay readable."""

@@ -4,7 +4,7 @@ Multipart message, 2 parts: (1) UTF-8 JSON header
   {"v": 1, "dtype": "<u2" | "|u1", "shape": [H, W], "channel": "DAPI", "t": 0, "z": 0, "p": 0,
    "frame_id": 17, "ts": 1732531200.123, "meta": {...}}
 (2) the raw C-order pixel bytes. Output headers add "fm2s": {status, degraded, steps, latency_ms,
-reason}. The preview stream packs one frame per single-part message: a 4-byte big-endian header
+reason, frames_averaged}. The preview stream packs one frame per single-part message: a 4-byte big-endian header
 length, the JSON header, then the pixels (single-part so that subscribers can use ZMQ_CONFLATE).
 Nothing here ever unpickles; every field is checked, and a bad message raises WireError.
 """

@@ -12,29 +12,13 @@ from fm2s_stream.adapters.mm_demo import build_core  # noqa: E402
 from fm2s_stream.adapters.mmcore import MMCoreSource, SignalSink  # noqa: E402
 from fm2s_stream.adapters.pycromanager import Fm2sHook  # noqa: E402
 from fm2s_stream.channel import ChannelConfig  # noqa: E402
-from fm2s_stream.frame import Result  # noqa: E402
 from fm2s_stream.pipeline import Pipeline, PipelineConfig  # noqa: E402
 from fm2s_stream.presets import get_preset  # noqa: E402
+from fm2s_stream.sinks import MemorySink  # noqa: E402
 
 pytestmark = [pytest.mark.hardware, pytest.mark.slow]
 
 QUICK = ChannelConfig(get_preset("confocal"), bootstrap_steps=15, bootstrap_crop=64, finetune_crop=64)
-
-
-class Collect:
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.results: list[Result] = []
-
-    def open(self) -> None:
-        pass
-
-    def write(self, result: Result) -> None:
-        self.results.append(result)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +27,7 @@ def core():
 
 
 def test_mda_two_channels_twenty_timepoints_every_frame_denoised_in_order(core):
-    sink, shown = Collect(), []
+    sink, shown = MemorySink(), []
     signal = SignalSink()
     signal.frameDenoised.connect(lambda px, frame, info: shown.append(frame.frame_id))
     pipe = Pipeline(PipelineConfig(QUICK, threads=2, cold_start="wait"), [sink, signal]).start()
@@ -70,7 +54,7 @@ def test_mda_two_channels_twenty_timepoints_every_frame_denoised_in_order(core):
 
 
 def test_live_mode_forwards_every_frame(core):
-    sink = Collect()
+    sink = MemorySink()
     pipe = Pipeline(PipelineConfig(QUICK, threads=2), [sink]).start()
     source = MMCoreSource(core, block=True, live_channel="live")
     source.start(pipe)
@@ -98,7 +82,7 @@ def mda_frames(core, n=6):
 @pytest.mark.parametrize("mode", ["divert", "replace", "both"])
 def test_pycromanager_hook_modes_keep_dtype_and_never_raise(core, mode):
     frames = mda_frames(core)
-    sink = Collect()
+    sink = MemorySink()
     hook = Fm2sHook(PipelineConfig(QUICK, threads=2, cold_start="wait"), mode=mode, sinks=[sink], deadline_s=30)
     outs = [hook(img, dict(md)) for img, md in frames]
     report = hook.close()
@@ -145,7 +129,7 @@ def test_hook_inside_a_real_pycromanager_acquisition_writes_ndtiff(tmp_path, mod
     pytest.importorskip("pycromanager", reason="needs pycromanager")
     from tests.pycromanager_shim import run_acquisition
 
-    sink = Collect()
+    sink = MemorySink()
     hook = Fm2sHook(PipelineConfig(QUICK, threads=2, cold_start="wait"), mode=mode, sinks=[sink], deadline_s=30)
     path = run_acquisition(str(tmp_path), hook, timepoints=4)
     report = hook.close()

@@ -34,7 +34,7 @@ def test_result_header_carries_processing_fields_and_packs_single_part():
     result = Result(frame, frame.pixels, "denoised", False, 42, 12.5)
     head = json.loads(bytes(encode_result(result)[0]))
     assert head["fm2s"] == {"status": "denoised", "degraded": False, "steps": 42, "latency_ms": 12.5,
-                            "reason": None}
+                            "reason": None, "frames_averaged": 1.0}
     packed = pack_single(encode_result(result))
     assert struct.unpack(">I", packed[:4])[0] == len(bytes(encode_result(result)[0]))
     np.testing.assert_array_equal(unpack_single(packed).pixels, frame.pixels)
