@@ -81,6 +81,7 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         save=Path(args.save) if args.save else None, save_kind=args.save_kind, roll_every=args.roll_every,
         pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal, average_frames=args.average,
+        bootstrap_steps=args.bootstrap_steps,
         allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
         curve=Path(args.curve) if args.curve else None,
     )
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (OME metadata)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="latency budget per frame")
     p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
+    p.add_argument("--bootstrap-steps", type=int, default=905,
+                   help="training steps of a channel's cold start (classical pre-denoiser meanwhile)")
     p.add_argument("--average", type=int, default=8, metavar="N",
                    help="average static pixels over up to N outputs (restarts on change); 1 = off")
     p.add_argument("--bind", default=None, help="host other than 127.0.0.1 to accept (warned about)")

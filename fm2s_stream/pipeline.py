@@ -4,7 +4,8 @@ Sources call `submit` and nothing else. The worker publishes first and learns af
 inference, hands the result to the sinks, then spends what is left of the latency budget on
 fine-tune steps, stopping as soon as another frame waits. Under backlog it cuts fine-tuning first,
 then runs inference only; the preview (lossy) sinks get only the newest frame. Lossless sinks
-never drop: a full queue makes `submit` wait (backpressure). Every frame ends in exactly one of
+never drop: a full queue makes `submit` wait (backpressure); under a sustained backlog the preview
+still gets a frame every PREVIEW_STARVATION_S. Every frame ends in exactly one of
 the counters `denoised`, `bootstrap`, `raw` (passed through with a reason) or `rejected`.
 """
 
@@ -28,6 +29,7 @@ from .sinks import FrameSink, SinkRelay
 __all__ = ["FrameSource", "Pipeline", "PipelineConfig"]
 
 log = logging.getLogger(__name__)
+PREVIEW_STARVATION_S = 0.2  # under backlog the preview still gets a frame at least this often
 
 
 class FrameSource(Protocol):
@@ -79,6 +81,8 @@ class Pipeline:
         self._running = False
         self._infer_ema = 0.0  # seconds, smoothed: what one inference costs
         self._step_ema = 0.0  # seconds, smoothed: what one fine-tune step costs
+        self.max_frame_bytes = 0
+        self._last_preview = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
@@ -124,6 +128,7 @@ class Pipeline:
             return False
         with self._lock:
             self.counts["in"] += 1
+            self.max_frame_bytes = max(self.max_frame_bytes, frame.pixels.nbytes)
         return True
 
     def reject(self, kind: str, message: str) -> None:
@@ -215,6 +220,20 @@ class Pipeline:
                 self.counts["finetune_skipped"] += 1
         return model, prep
 
+    def buffered_bytes_bound(self, frame_bytes: int | None = None) -> int:
+        """Most bytes of frame data this pipeline can hold at once: the queue, one frame in work,
+        each lossless relay's results (raw + denoised pixels) and the previews' two."""
+        n = frame_bytes if frame_bytes is not None else self.max_frame_bytes
+        held = self.config.queue_size + 1 + sum(2 * r.capacity for r in self.relays)
+        held += sum(2 * r.capacity for r in self.preview_relays)
+        return held * n
+
+    def sustainable_fps(self) -> float | None:
+        """Frames per second at which every frame gets its full fine-tune (None until measured)."""
+        if not self._infer_ema or not self._step_ema:
+            return None
+        return 1.0 / (self._infer_ema + self.config.max_finetune_steps * self._step_ema)
+
     def _step_fits_budget(self) -> bool:
         """True while one fine-tune step plus one inference fits the latency budget."""
         return (self._step_ema + self._infer_ema) * 1000 <= self.config.budget_ms
@@ -256,7 +275,10 @@ class Pipeline:
         for relay in self.relays:
             while not relay.put(result, timeout=1.0):
                 log.warning("sink %s is full; waiting (backpressure)", relay.sink.name)
-        if newest:
+        now = time.perf_counter()
+        if newest or now - self._last_preview > PREVIEW_STARVATION_S:
+            # newest frame only, but never leave the preview frozen under a sustained backlog
+            self._last_preview = now
             for relay in self.preview_relays:
                 relay.put(result)
         else:
@@ -279,6 +301,7 @@ class Pipeline:
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
             "queue": self.depth,
+            "sustainable_fps": self.sustainable_fps(),
             "channels": {name: m.stats() for name, m in self.models.items()},
             "sinks": {r.sink.name: r.stats() for r in self.relays + self.preview_relays},
         }

@@ -118,4 +118,11 @@ class StreamService:
         if self.push is not None:
             stats["publish"] = self.push.stats()
         stats["files"] = {t.kind: t.stats() for t in self.tiffs}
+        stats["memory_bound_mb"] = self.memory_bound_bytes() / 2**20
         return stats
+
+    def memory_bound_bytes(self, frame_bytes: int | None = None) -> int:
+        """Most frame data the service buffers: the pipeline's bound plus the ZMQ high-water marks."""
+        n = frame_bytes if frame_bytes is not None else self.pipeline.max_frame_bytes
+        zmq_msgs = self.source.rcvhwm + (self.push.sndhwm if self.push else 0)
+        return self.pipeline.buffered_bytes_bound(n) + zmq_msgs * n

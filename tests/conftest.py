@@ -30,3 +30,16 @@ def shared_data() -> Path:
     if not (SHARED / "fmd" / "raw").is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
     return SHARED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault matrix recorded by the fault tests: frames in / out / written / flagged."""
+    from tests.streamkit import FAULT_ROWS
+
+    if not FAULT_ROWS:
+        return
+    tr = terminalreporter
+    tr.section("fault matrix (frames)")
+    tr.write_line(f"{'fault':<52} {'in':>5} {'out':>5} {'written':>8} {'flagged':>7}  note")
+    for r in FAULT_ROWS:
+        tr.write_line(f"{r['fault']:<52} {r['in']:>5} {r['out']:>5} {r['written']!s:>8} {r['flagged']:>7}  {r['note']}")

@@ -18,6 +18,13 @@ from fm2s_stream.service import ServiceOptions, StreamService
 from fm2s_stream.wire import encode
 
 FAST_CHANNEL = {"bootstrap_steps": 12, "bootstrap_crop": 32, "finetune_crop": 32}
+FAULT_ROWS: list[dict[str, Any]] = []  # the fault matrix, printed at the end of the test run
+
+
+def fault_row(fault: str, frames_in: int, out: int, written: int | str, flagged: int, note: str = "") -> None:
+    """Record one row of the fault matrix (conftest prints the table in the terminal summary)."""
+    FAULT_ROWS.append({"fault": fault, "in": frames_in, "out": out, "written": written, "flagged": flagged,
+                       "note": note})
 
 
 def start_service(save: Path | None = None, **kw: Any) -> StreamService:
@@ -82,3 +89,41 @@ def noisy_frames(n: int, shape: tuple[int, int] = (64, 64), seed: int = 0) -> li
     rng = np.random.default_rng(seed)
     base = rng.uniform(20, 200, shape)
     return [(rng.poisson(base) * 4 + 100).astype(np.uint16) for _ in range(n)]
+
+
+def spawn_serve(save: Path | None, *extra: str, **popen: Any) -> tuple[Any, str, str]:
+    """A real `fm2s-stream serve` process on free loopback ports: (Popen, source, publish)."""
+    import subprocess
+    import sys
+
+    src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "fm2s_stream.cli", "serve", "--source", src, "--publish", pub,
+           "--threads", "1", "--status-every", "0", *extra]
+    if save is not None:
+        cmd += ["--save", str(save)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return proc, src, pub
+
+
+def stop_serve(proc: Any, timeout: float = 120) -> dict[str, Any]:
+    """SIGTERM, wait, check exit code 0, and return the final JSON report."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def header(i: int, shape: tuple[int, int], channel: str = "c", t: int | None = None) -> bytes:
+    """A wire-format header for a uint16 frame."""
+    return json.dumps({"v": 1, "dtype": "<u2", "shape": list(shape), "frame_id": i, "channel": channel,
+                       "t": i if t is None else t}).encode()

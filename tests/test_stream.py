@@ -11,7 +11,7 @@ import zmq
 
 from fm2s_stream.demo import free_port
 from fm2s_stream.frame import Frame
-from tests.streamkit import Client, noisy_frames, start_service
+from tests.streamkit import Client, fault_row, noisy_frames, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +84,8 @@ def test_malformed_messages_are_rejected_and_service_keeps_serving():
     assert [r[0]["frame_id"] for r in client.results] == [100, 101, 102]
     assert report["counts"]["rejected"] == len(bad)
     assert sum(report["rejects"].values()) == len(bad) and len(report["rejects"]) >= 8
+    fault_row("malformed wire messages (12 kinds) + 3 good", len(bad) + 3, report["counts"]["out"], "-",
+              report["counts"]["rejected"], f"rejected by reason: {len(report['rejects'])} kinds")
 
 
 def test_shape_change_mid_stream_is_handled_and_files_roll(tmp_path):
@@ -97,6 +99,8 @@ def test_shape_change_mid_stream_is_handled_and_files_roll(tmp_path):
     client.close()
     assert [r[1].shape for r in client.results] == [(64, 64)] * 3 + [(48, 80)] * 3
     assert report["channels"]["c"]["shape_changes"] == 1
+    fault_row("shape change mid-stream", 6, report["counts"]["out"], report["files"]["denoised"]["written"], 0,
+              "file rolled; model re-shaped")
     files = report["files"]["denoised"]["files"]
     assert len(files) == 2 and [tifffile.imread(f).shape for f in files] == [(3, 64, 64), (3, 48, 80)]
 
@@ -130,6 +134,8 @@ def test_serve_killed_with_sigkill_leaves_a_readable_tiff_and_restart_never_over
         data = np.stack([p.asarray() for p in tif.pages])
     assert pages == acked == list(range(25))
     assert data.shape == (25, 64, 64)
+    fault_row("serve killed with SIGKILL mid-stream", 25, len(acked), len(pages), 0,
+              "every acknowledged frame read back from the TIFF")
     # a restart writes a new file next to it and never touches the old one
     before = files[0].read_bytes()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -147,6 +153,7 @@ def test_serve_killed_with_sigkill_leaves_a_readable_tiff_and_restart_never_over
     assert json.loads(out.decode().strip().splitlines()[-1])["counts"]["out"] == 1
     assert files[0].read_bytes() == before
     assert len(sorted(tmp_path.glob("*.ome.tif"))) == 2
+    fault_row("restart after SIGKILL, then SIGTERM", 1, 1, 1, 0, "new file; old one untouched; exit 0")
     push.close(0)
     pull.close(0)
 
