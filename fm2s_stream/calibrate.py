@@ -27,7 +27,8 @@ import numpy as np
 from .presets import Preset, get_preset
 from .scaling import check_frame, scaling_for
 
-__all__ = ["REFERENCE_RATIO", "NoiseEstimate", "calibrate", "estimate_noise", "fm2s_parameters", "tile_stats"]
+__all__ = ["REFERENCE_RATIO", "NoiseEstimate", "auto_base", "auto_preset", "calibrate", "estimate_noise",
+           "estimate_noise_or_none", "fm2s_parameters", "tile_stats"]
 
 TILE = 8
 # injected-to-real noise variance ratio (geometric mean) of the paper presets on the 12 FMD dev images at
@@ -150,6 +151,33 @@ def fm2s_parameters(est: NoiseEstimate, frame: np.ndarray, base: str | Preset = 
     real = float(est.variance(level)) / scaling.span**2  # in the [0, 1] domain
     s = REFERENCE_RATIO * real / max(preset_variance(p, x), 1e-12)  # variance scale factor
     return p.with_noise(k_g=p.k_g * math.sqrt(s), k_p=p.k_p / s, lambda_p=p.lambda_p / s, name=f"auto({p.name})")
+
+
+CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 channel, 11x11 median) is used
+
+
+def estimate_noise_or_none(frame: np.ndarray) -> NoiseEstimate | None:
+    """`estimate_noise`, or None for frames too structured or too small to fit."""
+    try:
+        return estimate_noise(frame)
+    except ValueError:
+        return None
+
+
+def auto_base(est: NoiseEstimate) -> str:
+    """The paper preset whose structure suits this noise: widefield for correlated noise, else confocal."""
+    return "widefield" if est.rho > CORRELATED else "confocal"
+
+
+def auto_preset(frame: np.ndarray, base: str | None = None) -> Preset:
+    """FM2S parameters for this frame from its own noise (`--preset auto`).
+
+    Falls back to the base (or confocal) paper preset when the frame has too few flat regions to fit.
+    """
+    est = estimate_noise_or_none(frame)
+    if est is None:
+        return get_preset(base or "confocal")
+    return fm2s_parameters(est, frame, base or auto_base(est))
 
 
 def calibrate(frame: np.ndarray, base: str = "confocal", offset: float | None = None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 
 from .anchor import anchor
+from .calibrate import auto_base, auto_preset, estimate_noise_or_none
 from .devices import fast_inference_dtype
 from .model import FM2SNet
 from .offline import new_network
@@ -59,6 +60,9 @@ class ChannelConfig:
     anchor_sigma: float = 16.0  # keep the raw frame's spatial frequencies below this scale (px); 0 = off
     average_frames: int = 8  # motion-adaptive average of static pixels over up to N outputs; 1 = off
     average_threshold: float = 4.0  # restart a pixel's average beyond this many noise std of change
+    max_positions: int = 32  # stage positions whose history (temporal pairs, averages) is kept
+    auto_noise: bool = False  # calibrate noise parameters on the channel's frames (`--preset auto`)
+    recalibrate_every: int = 100  # frames between re-estimates (smoothed) when auto_noise
 
 
 @dataclass
@@ -112,14 +116,24 @@ def refine_shift(cur: np.ndarray, prev: np.ndarray, dy: int, dx: int) -> tuple[i
 class ChannelModel:
     """The warm network of one channel: `infer` answers now, `train_step` learns afterwards."""
 
-    def __init__(self, name: str, config: ChannelConfig, init_from: ChannelModel | None = None) -> None:
+    def __init__(self, name: str, config: ChannelConfig, init_from: ChannelModel | None = None,
+                 first_frame: np.ndarray | None = None) -> None:
         self.name = name
         self.config = config
         self.device = config.device
-        self.net: FM2SNet = new_network(config.preset.n_chan, config.seed, self.device)
-        if init_from is not None:
+        self.preset = config.preset
+        self.base: str | None = None
+        if config.auto_noise and first_frame is not None:  # the base (channels, median window) is fixed here
+            est = estimate_noise_or_none(first_frame)
+            self.base = auto_base(est) if est is not None else config.preset.name
+            self.preset = auto_preset(first_frame, self.base)
+        self.frames_seen = 0
+        self.net: FM2SNet = new_network(self.preset.n_chan, config.seed, self.device)
+        if init_from is not None and init_from.preset.n_chan == self.preset.n_chan:
             self.net.load_state_dict(init_from.net.state_dict())
-        self.trainer = Trainer(self.net, config.preset, self.device, seed=config.seed, lr=config.bootstrap_lr)
+        else:
+            init_from = None
+        self.trainer = Trainer(self.net, self.preset, self.device, seed=config.seed, lr=config.bootstrap_lr)
         self.trainer.bf16 = config.train_bf16 and fast_inference_dtype(self.device) == torch.bfloat16
         self.scaling: Scaling | None = None
         self.shape: tuple[int, int] | None = None
@@ -135,7 +149,8 @@ class ChannelModel:
             else getattr(torch, config.inference_dtype)
         )
         self._previous: dict[tuple[int, int], np.ndarray] = {}
-        self.average = TemporalAverage(config.average_frames, config.average_threshold)
+        self.average = TemporalAverage(config.average_frames, config.average_threshold,
+                                       max_positions=config.max_positions)
         self._good_state = copy.deepcopy(self.net.state_dict())
         self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
 
@@ -153,10 +168,21 @@ class ChannelModel:
             self._previous.clear()
             self.average.reset()
         self.shape = shape
+        self.frames_seen += 1
+        if self.base is not None and self.frames_seen % self.config.recalibrate_every == 0:
+            self._recalibrate(pixels)
         self.scaling = self._update_scaling(pixels)
         unit = to_unit(pixels, self.scaling)
         tensor = as_batch(unit, self.device)
         return Prepared(pixels, unit, self.scaling, tensor, position)
+
+    def _recalibrate(self, pixels: np.ndarray) -> None:
+        """Re-estimate the noise parameters and move a third of the way there (log domain)."""
+        new = auto_preset(pixels, self.base)
+        old = self.preset
+        mix = lambda a, b: math.exp((2 * math.log(a) + math.log(b)) / 3) if a > 0 and b > 0 else b  # noqa: E731
+        self.preset = old.with_noise(mix(old.k_g, new.k_g), mix(old.k_p, new.k_p), mix(old.lambda_p, new.lambda_p))
+        self.trainer.preset = self.trainer.injector.preset = self.preset
 
     def _update_scaling(self, pixels: np.ndarray) -> Scaling:
         """Per-channel scaling: fixed for uint8; for uint16 an exponential average over frames."""
@@ -170,7 +196,7 @@ class ChannelModel:
     def infer(self, prep: Prepared) -> tuple[np.ndarray, str]:
         """Denoised pixels (input dtype) and their status: "denoised" or "bootstrap"."""
         if not self.ready:
-            out = make_target(prep.unit, self.config.preset, "gauss")
+            out = make_target(prep.unit, self.preset, "gauss")
             return from_unit(out, prep.scaling, prep.raw.dtype), "bootstrap"
         if self._inference_net is None:
             one = collapse_for_inference(self.net).to(self.inference_dtype)
@@ -187,7 +213,7 @@ class ChannelModel:
     def _target(self, prep: Prepared) -> torch.Tensor:
         """The full-frame target (stage 1 only; later steps compute it per crop)."""
         if prep.target is None:
-            t = make_target(prep.unit, self.config.preset, self.config.target)
+            t = make_target(prep.unit, self.preset, self.config.target)
             prep.target = as_batch(t, self.device)
         return prep.target
 
@@ -195,8 +221,10 @@ class ChannelModel:
         """Keep this frame as its position's previous frame; link the one before it for temporal steps."""
         if not self.config.temporal:
             return
-        prev = self._previous.get(prep.position)
-        self._previous[prep.position] = prep.unit
+        prev = self._previous.pop(prep.position, None)
+        self._previous[prep.position] = prep.unit  # most recently seen last
+        while len(self._previous) > self.config.max_positions:
+            self._previous.pop(next(iter(self._previous)))
         if prev is not None and prev.shape == prep.unit.shape:
             prep.previous = prev
 
@@ -252,7 +280,7 @@ class ChannelModel:
         return loss
 
     def _noise_step(self, prep: Prepared, crop: int, batch: int) -> float:
-        y1 = target_crops(prep.unit, self.config.preset, self.config.target, crop, batch, self.trainer.crop_rng)
+        y1 = target_crops(prep.unit, self.preset, self.config.target, crop, batch, self.trainer.crop_rng)
         y = self.trainer._replicate(y1)
         return self.trainer.step(self.trainer._replicate(self.trainer.injector(y1)), y)  # shared noise, as `fast`
 
@@ -284,6 +312,8 @@ class ChannelModel:
             "ready": self.ready, "steps": self.steps, "temporal_steps": self.temporal_steps,
             "motion_rejects": self.motion_rejects, "restores": self.restores,
             "shape_changes": self.shape_changes, "scene_changes": self.average.scene_changes,
+            "preset": {"name": self.preset.name, "n_chan": self.preset.n_chan, "k_g": round(self.preset.k_g, 3),
+                       "k_p": round(self.preset.k_p, 3), "lambda_p": round(self.preset.lambda_p, 3)},
         }
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .anchor import anchor
 from .devices import resolve_device
 from .model import FM2SNet
 from .presets import Preset, get_preset
@@ -17,6 +18,7 @@ from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer
 __all__ = ["denoise", "denoise_stack", "denoise_unit", "new_network"]
 
 WARM_FRACTION = 0.2  # later planes of a stack continue training for this share of the schedule
+ANCHOR_SIGMA = 16.0  # outputs keep the raw frame's spatial frequencies below this scale (photometry)
 
 
 def new_network(n_chan: int, seed: int, device: torch.device) -> FM2SNet:
@@ -51,8 +53,15 @@ def _schedule(method: str | Schedule) -> Schedule:
     return SCHEDULES[method]
 
 
-def _preset(preset: str | Preset) -> Preset:
-    return get_preset(preset) if isinstance(preset, str) else preset
+def _preset(preset: str | Preset, frame: np.ndarray) -> Preset:
+    """A Preset object; "auto" calibrates the noise parameters on `frame` (see calibrate.auto_preset)."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset == "auto":
+        from .calibrate import auto_preset
+
+        return auto_preset(frame)
+    return get_preset(preset)
 
 
 def denoise(
@@ -61,15 +70,21 @@ def denoise(
     method: str | Schedule = "fast",
     device: str | torch.device | None = "auto",
     seed: int = 0,
+    anchor_sigma: float = ANCHOR_SIGMA,
 ) -> np.ndarray:
     """Denoise one uint8/uint16 2D frame with FM2S; returns the same dtype and shape.
 
-    preset: a paper preset name or a `Preset`; method: "fast" (default), "paper" or a `Schedule`.
+    preset: a paper preset name, "auto" (noise calibrated on the frame) or a `Preset`;
+    method: "fast" (default), "paper" or a `Schedule`; anchor_sigma: the output keeps the raw
+    frame's spatial frequencies below this scale in pixels, so region means stay the raw frame's
+    (0 = off, the paper's behaviour; the median target otherwise darkens dim frames by up to ~13 %).
     """
     check_frame(frame)
     scaling = scaling_for(frame)
-    out, _ = denoise_unit(to_unit(frame, scaling), _preset(preset), _schedule(method), resolve_device(device), seed)
-    return from_unit(out, scaling, frame.dtype)
+    p = _preset(preset, frame)
+    unit = to_unit(frame, scaling)
+    out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed)
+    return from_unit(anchor(out, unit, anchor_sigma), scaling, frame.dtype)
 
 
 def denoise_stack(
@@ -80,17 +95,20 @@ def denoise_stack(
     device: str | torch.device | None = "auto",
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    anchor_sigma: float = ANCHOR_SIGMA,
 ) -> np.ndarray:
     """Denoise a 2D frame or an N-D stack (last two axes Y, X) plane by plane.
 
     One network per channel (the "C" axis of `axes`, if any) is warm-started from plane to plane:
-    the first plane gets the full schedule, later planes WARM_FRACTION of its stage 2.
+    the first plane gets the full schedule, later planes WARM_FRACTION of its stage 2. With
+    preset "auto" each channel's noise parameters are calibrated on its first plane.
     """
     if data.ndim == 2:
-        return denoise(data, preset, method, device, seed)
+        return denoise(data, preset, method, device, seed, anchor_sigma)
     if data.ndim < 2:
         raise ValueError(f"expected a 2D frame or a stack, got shape {data.shape}")
-    p, sched, dev = _preset(preset), _schedule(method), resolve_device(device)
+    sched, dev = _schedule(method), resolve_device(device)
+    presets: dict[int, Preset] = {}
     c_axis = axes.index("C") if len(axes) == data.ndim and "C" in axes[:-2] else None
     out = np.empty_like(data)
     trainers: dict[int, Trainer] = {}
@@ -102,6 +120,7 @@ def denoise_stack(
         scaling = scaling_for(plane)
         unit = to_unit(plane, scaling)
         raw_t = as_batch(unit, dev)
+        p = presets.get(channel) or presets.setdefault(channel, _preset(preset, plane))
         trainer = trainers.get(channel)
         if trainer is None:
             trainer = trainers[channel] = Trainer(new_network(p.n_chan, seed + channel, dev), p, dev, seed=seed)
@@ -110,7 +129,8 @@ def denoise_stack(
             plan = replace(scaled(sched, WARM_FRACTION), stage1_steps=0)
         target = as_batch(make_target(unit, p, sched.target), dev)
         trainer.fit(raw_t, target, plan)
-        out[index] = from_unit(infer(trainer.net, raw_t, sched.tta)[0, 0].float().cpu().numpy(), scaling, plane.dtype)
+        den = infer(trainer.net, raw_t, sched.tta)[0, 0].float().cpu().numpy()
+        out[index] = from_unit(anchor(den, unit, anchor_sigma), scaling, plane.dtype)
         if progress is not None:
             progress(i + 1, len(planes))
     return out

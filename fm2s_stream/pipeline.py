@@ -144,12 +144,12 @@ class Pipeline:
         return self._queue.qsize()
 
     # -- worker ------------------------------------------------------------------------------------
-    def model_for(self, channel: str) -> ChannelModel:
+    def model_for(self, channel: str, first_frame: np.ndarray | None = None) -> ChannelModel:
         """The channel's model, created on first use (optionally from the first channel's weights)."""
         model = self.models.get(channel)
         if model is None:
             donor = next(iter(self.models.values()), None) if self.config.init_from_first_channel else None
-            model = ChannelModel(channel, self.config.channel, init_from=donor)
+            model = ChannelModel(channel, self.config.channel, init_from=donor, first_frame=first_frame)
             self.models[channel] = model
             log.info("new channel %r (%s)", channel, "warm from " + donor.name if donor else "cold start")
         return model
@@ -174,7 +174,7 @@ class Pipeline:
         model: ChannelModel | None = None
         prep = None
         try:
-            model = self.model_for(frame.channel)
+            model = self.model_for(frame.channel, frame.pixels)
             t0 = time.perf_counter()
             prep = model.prepare(frame.pixels, (frame.p, frame.z))
             if not model.ready and self.config.cold_start == "wait":

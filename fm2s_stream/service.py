@@ -73,7 +73,8 @@ class StreamService:
         else:
             self.context = context or zmq.Context.instance()
         channel = ChannelConfig(
-            preset=get_preset(o.preset),
+            preset=get_preset("confocal" if o.preset == "auto" else o.preset),
+            auto_noise=o.preset == "auto",
             device=resolve_device(o.device),
             seed=o.seed,
             temporal=o.temporal,

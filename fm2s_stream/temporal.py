@@ -36,12 +36,14 @@ class _State:
 class TemporalAverage:
     """Per stage position: average static pixels of consecutive denoised frames, restart on change."""
 
-    def __init__(self, max_frames: int = 8, threshold: float = 4.0, refit_every: int = 16) -> None:
+    def __init__(self, max_frames: int = 8, threshold: float = 4.0, refit_every: int = 16,
+                 max_positions: int = 32) -> None:
         if max_frames < 1:
             raise ValueError("max_frames must be >= 1")
         self.max_frames = max_frames
         self.threshold = threshold
         self.refit_every = refit_every
+        self.max_positions = max_positions  # bounds memory: least recently seen positions are forgotten
         self.noise: tuple[float, float] | None = None  # (a, b): var = a * v + b, smoothed over refits
         self.frames = 0
         self.scene_changes = 0
@@ -60,9 +62,13 @@ class TemporalAverage:
         self._refit(raw)
         box = ndimage.uniform_filter(raw.astype(np.float32), 3, mode="reflect")
         out = denoised.astype(np.float32)
-        state = self._states.get(position)
+        state = self._states.pop(position, None)
+        if state is not None:
+            self._states[position] = state  # most recently seen last
         if state is None or state.out.shape != out.shape or self.max_frames == 1:
             self._states[position] = _State(box, out.copy(), np.ones(out.shape, np.float32))
+            while len(self._states) > self.max_positions:
+                self._states.pop(next(iter(self._states)))
             return out, 1.0
         changed = self._changed(box, state)
         if changed.mean() > SCENE_CHANGE:

@@ -44,3 +44,38 @@ def test_calibrate_cli_prints_json(tmp_path, capsys):
     assert cli.main(["calibrate", str(path), "--offset", "100"]) == 0
     out = json.loads(capsys.readouterr().out.strip())
     assert out["gain_adu_per_e"] == pytest.approx(2.0, rel=0.15) and "fm2s" in out and "read_noise_e" in out
+
+
+def test_auto_preset_follows_the_noise_structure_and_strength():
+    from fm2s_stream.calibrate import auto_preset
+
+    rng = np.random.default_rng(3)
+    white = auto_preset(Camera(gain=2.0, read_noise=2.0).expose(SCENE, rng))
+    correlated = auto_preset(Camera(gain=2.0, read_noise=2.0, correlation=0.8).expose(SCENE, rng))
+    assert white.n_chan == 2 and white.name == "auto(confocal)"
+    assert correlated.n_chan == 1 and correlated.w_size == 11 and correlated.name == "auto(widefield)"
+    noisy = auto_preset(Camera(gain=8.0, read_noise=2.0).expose(SCENE / 4, rng))  # 4x fewer photons
+    assert noisy.k_p < white.k_p  # stronger Poisson injection for the noisier frame
+    flat = np.full((64, 64), 1000, np.uint16)  # nothing to fit: the base preset, not a crash
+    assert auto_preset(flat).name == "confocal"
+
+
+@pytest.mark.slow
+def test_serve_with_auto_preset_calibrates_each_channel(tmp_path):
+    from fm2s_stream.frame import Frame
+    from tests.streamkit import Client, start_service
+
+    service = start_service(preset="auto")
+    client = Client(service)
+    rng = np.random.default_rng(4)
+    scene = make_scene((256, 256), rng, peak=100, background=5)  # rho is biased upwards below ~200 px (see notes)
+    cams = {"white": Camera(gain=2.0), "widefield": Camera(gain=2.0, correlation=0.8)}
+    for i in range(6):
+        for name, cam in cams.items():
+            client.send(Frame(cam.expose(scene, rng), channel=name, t=i, frame_id=2 * i + (name == "widefield")))
+    assert client.wait(12)
+    report = service.stop()
+    client.close()
+    presets = {name: ch["preset"] for name, ch in report["channels"].items()}
+    assert presets["white"]["name"] == "auto(confocal)" and presets["white"]["n_chan"] == 2
+    assert presets["widefield"]["name"] == "auto(widefield)" and presets["widefield"]["n_chan"] == 1
