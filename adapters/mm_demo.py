@@ -89,19 +89,18 @@ def build_core(channels: Sequence[str] = ("GFP", "mCherry"), shape: tuple[int, i
 
 
 def run_mm_demo(out: Path, timepoints: int = 20, channels: Sequence[str] = ("GFP", "mCherry"),
-                preset: str = "confocal", threads: int = 2, interval_s: float = 0.0) -> dict[str, Any]:
+                preset: str = "auto", threads: int = 2, interval_s: float = 0.0) -> dict[str, Any]:
     """A 2-channel MDA time-lapse from the synthetic camera, denoised live, saved as OME-TIFF."""
     import useq
 
-    from ..channel import ChannelConfig
+    from ..channel import channel_config
     from ..pipeline import Pipeline, PipelineConfig
-    from ..presets import get_preset
     from ..tiffsink import TiffSink
     from .mmcore import MMCoreSource
 
     core = build_core(channels)
     sink = TiffSink(out, "denoised", prefix="mm-demo")
-    pipeline = Pipeline(PipelineConfig(ChannelConfig(get_preset(preset)), threads=threads), [sink]).start()
+    pipeline = Pipeline(PipelineConfig(channel_config(preset), threads=threads), [sink]).start()
     source = MMCoreSource(core, block=True)
     source.start(pipeline)
     seq = useq.MDASequence(channels=list(channels),

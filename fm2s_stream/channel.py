@@ -33,7 +33,7 @@ from .training import Trainer, as_batch, collapse_for_inference, make_target, ra
 
 STRUCTURE_FRACTION = 0.5
 
-__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "register_shift"]
+__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "channel_config", "register_shift"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,14 @@ class ChannelConfig:
     max_positions: int = 32  # stage positions whose history (temporal pairs, averages) is kept
     auto_noise: bool = False  # calibrate noise parameters on the channel's frames (`--preset auto`)
     recalibrate_every: int = 100  # frames between re-estimates (smoothed) when auto_noise
+
+
+def channel_config(preset: str, **kw: object) -> ChannelConfig:
+    """A ChannelConfig for a preset name; "auto" calibrates each channel's noise on its own frames."""
+    from .presets import get_preset
+
+    auto = preset == "auto"
+    return ChannelConfig(preset=get_preset("confocal" if auto else preset), auto_noise=auto, **kw)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -24,8 +24,8 @@ def _default_threads() -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from .presets import preset_names
 
-    p.add_argument("--preset", default="confocal", choices=[*preset_names(), "auto"],
-                   help="noise preset of the paper, or auto: calibrated on the data itself")
+    p.add_argument("--preset", default="auto", choices=["auto", *preset_names()],
+                   help="auto (default): noise calibrated on the data itself; or a paper preset")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=_default_threads(), help="torch CPU threads")

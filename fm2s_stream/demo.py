@@ -92,7 +92,7 @@ def run_demo(
     seconds: float = 30.0,
     fps: float = 20.0,
     size: int = 512,
-    preset: str = "confocal",
+    preset: str = "auto",
     budget_ms: float = 50.0,
     threads: int = 2,
     device: str = "auto",

@@ -66,7 +66,7 @@ def _preset(preset: str | Preset, frame: np.ndarray) -> Preset:
 
 def denoise(
     frame: np.ndarray,
-    preset: str | Preset = "confocal",
+    preset: str | Preset = "auto",
     method: str | Schedule = "fast",
     device: str | torch.device | None = "auto",
     seed: int = 0,
@@ -90,7 +90,7 @@ def denoise(
 def denoise_stack(
     data: np.ndarray,
     axes: str = "",
-    preset: str | Preset = "confocal",
+    preset: str | Preset = "auto",
     method: str | Schedule = "fast",
     device: str | torch.device | None = "auto",
     seed: int = 0,

@@ -16,10 +16,9 @@ import zmq
 
 from .adapters.curve import CurveKeys, start_authenticator
 from .adapters.zmq import PreviewPubSink, ZmqPushSink, ZmqSource, check_endpoint
-from .channel import ChannelConfig
+from .channel import channel_config
 from .devices import resolve_device
 from .pipeline import Pipeline, PipelineConfig
-from .presets import get_preset
 from .sinks import FrameSink, SinkChain
 from .tiffsink import TiffSink
 
@@ -40,7 +39,7 @@ class ServiceOptions:
     save_kind: str = "denoised"
     roll_every: int = 10_000
     pixel_size_um: float | None = None
-    preset: str = "confocal"
+    preset: str = "auto"
     budget_ms: float = 50.0
     device: str = "auto"
     seed: int = 0
@@ -72,9 +71,8 @@ class StreamService:
             self.auth = start_authenticator(self.context, self.curve)
         else:
             self.context = context or zmq.Context.instance()
-        channel = ChannelConfig(
-            preset=get_preset("confocal" if o.preset == "auto" else o.preset),
-            auto_noise=o.preset == "auto",
+        channel = channel_config(
+            o.preset,
             device=resolve_device(o.device),
             seed=o.seed,
             temporal=o.temporal,

@@ -44,20 +44,20 @@ def test_denoising_raises_psnr_and_keeps_dtype(bits):
     assert psnr(out, gt) > psnr(noisy, gt) + 4  # a third of the fast schedule on a tiny frame
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap (issue 2/5): uint8 maps as v/255 but uint16 by its robust black/white range, so a dim "
-    "8-bit scene and its 16-bit copy see different injected noise; measured 1.15 dB apart (16-bit better) "
-    "with the current fast schedule"))
 def test_sixteen_bit_matches_eight_bit_quality():
-    """The same scene at 16 bit (x256, offset, extra read noise) denoises as well as at 8 bit."""
+    """The same scene at 16 bit (x256, offset, extra read noise) denoises as well as at 8 bit.
+
+    With the default `auto` preset the noise parameters follow each frame's own noise (measured
+    27.24 vs 27.37 dB); a fixed paper preset on this dim 8-bit frame is ~1 dB apart.
+    """
     noisy8, gt8 = scene(8, seed=2)
     rng = np.random.default_rng(0)
     noisy16 = (noisy8.astype(np.float64) * 256 + 1000 + rng.normal(0, 20, noisy8.shape)).round().astype(np.uint16)
     gt16 = gt8 * 256 + 1000
-    out8 = denoise(noisy8, "confocal", QUICK, device="cpu")
-    out16 = denoise(noisy16, "confocal", QUICK, device="cpu")
+    out8 = denoise(noisy8, "auto", QUICK, device="cpu")
+    out16 = denoise(noisy16, "auto", QUICK, device="cpu")
     assert out16.dtype == np.uint16
-    assert abs(psnr(out16, gt16) - psnr(out8, gt8)) < 0.6
+    assert abs(psnr(out16, gt16) - psnr(out8, gt8)) < 0.3
     assert out16.max() > 255 * 64  # the full 16-bit range is kept, not squeezed
 
 
