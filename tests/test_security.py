@@ -64,3 +64,24 @@ def test_remote_binding_needs_explicit_consent(endpoint, caplog):
     check_endpoint(endpoint, allow_remote=True, encrypted=True)
     assert "unencrypted" not in caplog.text
 
+
+
+def test_channel_names_and_prefixes_cannot_escape_the_save_directory(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from fm2s_stream.frame import Result
+    from fm2s_stream.tiffsink import TiffSink
+
+    save = tmp_path / "save"
+    sink = TiffSink(save, "raw", prefix="../../outside")
+    sink.open()
+    for name in ("../../etc/passwd", "/abs/path", "..", "C:\\\\x"):
+        frame = Frame(np.ones((16, 16), np.uint16), channel=name)
+        frame.validate()
+        sink.write(Result(frame, frame.pixels, "raw", False, 0, 0.0))
+    sink.close()
+    made = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert made and all(p.parent == save for p in made)
+    with tifffile.TiffFile(made[0]) as tif:
+        assert "../../etc/passwd" in tif.ome_metadata  # the name is kept as data, never used as a path
