@@ -288,7 +288,10 @@ class ChannelModel:
         return loss
 
     def _noise_step(self, prep: Prepared, crop: int, batch: int) -> float:
-        y1 = target_crops(prep.unit, self.preset, self.config.target, crop, batch, self.trainer.crop_rng)
+        if not self.ready:  # hundreds of steps on this frame: compute its target once, then crop it
+            y1 = random_crops(self._target(prep)[0].cpu(), crop, batch, self.trainer.crop_rng)
+        else:  # a few steps per frame: the target of just the windows is cheaper
+            y1 = target_crops(prep.unit, self.preset, self.config.target, crop, batch, self.trainer.crop_rng)
         y = self.trainer._replicate(y1)
         return self.trainer.step(self.trainer._replicate(self.trainer.injector(y1)), y)  # shared noise, as `fast`
 

@@ -161,8 +161,8 @@ class Pipeline:
             try:
                 frame = self._queue.get(timeout=0.01 if pending else 0.2)
             except queue.Empty:
-                if pending is not None and not pending[0].ready:
-                    self._learn(*pending, deadline=None, max_steps=1)
+                if pending is not None and not pending[0].ready:  # idle: finish the cold start
+                    self._learn(*pending, deadline=None, max_steps=10**9, until_ready=True)
                 continue
             if frame is None:
                 break
@@ -239,11 +239,13 @@ class Pipeline:
         return (self._step_ema + self._infer_ema) * 1000 <= self.config.budget_ms
 
     def _learn(
-        self, model: ChannelModel, prep: object, deadline: float | None, max_steps: int, at_least: int = 0
+        self, model: ChannelModel, prep: object, deadline: float | None, max_steps: int, at_least: int = 0,
+        until_ready: bool = False,
     ) -> None:
-        """Train while no frame waits, until `deadline` or `max_steps` (but at least `at_least` steps)."""
+        """Train while no frame waits, until `deadline` or `max_steps` (but at least `at_least` steps);
+        with `until_ready`, stop as soon as the cold start is over."""
         steps, t0 = 0, time.perf_counter()
-        while steps < max_steps:
+        while steps < max_steps and not (until_ready and model.ready):
             if steps >= at_least and (
                 not self._queue.empty() or (deadline is not None and time.perf_counter() > deadline)
             ):
