@@ -76,7 +76,6 @@ class Pipeline:
         self.compute: Counter[str] = Counter()  # seconds spent in inference and in training
         self.rejects: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=100_000)
-        self.latency_log: list[tuple[float, float]] = []  # (time since start, ms), for plots
         self.started_at = 0.0
         self._running = False
         self._infer_ema = 0.0  # seconds, smoothed: what one inference costs
@@ -273,7 +272,6 @@ class Pipeline:
             if result.degraded:
                 self.counts["degraded"] += 1
             self.latencies.append(result.latency_ms)
-            self.latency_log.append((time.perf_counter() - self.started_at, result.latency_ms))
         for relay in self.relays:
             while not relay.put(result, timeout=1.0):
                 log.warning("sink %s is full; waiting (backpressure)", relay.sink.name)
