@@ -1,8 +1,8 @@
 """ChannelModel: one warm FM2S network per channel that denoises every frame and keeps learning.
 
 Life of a channel: the first frame starts a *cold start* (stage 1, then stage-2 crop steps up to
-`bootstrap_steps`); until it is done, frames are answered with the classical pre-denoiser and
-flagged `bootstrap`. After that every frame gets full-frame inference, then a few *fine-tune*
+`bootstrap_steps`, all on that frame); until it is done, frames are answered with the classical
+pre-denoiser and flagged `bootstrap`. After that every frame gets full-frame inference, then a few *fine-tune*
 steps on random crops of that frame with fresh FM2S noise injection. Each output keeps the raw
 frame's low spatial frequencies (anchor: photometry) and static pixels of consecutive outputs are
 averaged (TemporalAverage: flicker). With `temporal` on, some steps
@@ -57,8 +57,8 @@ class ChannelConfig:
     motion_threshold: float = 3.0
     snapshot_every: int = 20
     inference_dtype: str = "auto"  # "auto" (bfloat16 where native, see devices), "float32", "bfloat16"
-    anchor_sigma: float = 16.0  # keep the raw frame's spatial frequencies below this scale (px); 0 = off
-    average_frames: int = 8  # motion-adaptive average of static pixels over up to N outputs; 1 = off
+    anchor_sigma: float = 8.0  # keep the raw frame's spatial frequencies below this scale (px); 0 = off
+    average_frames: int = 1  # motion-adaptive average of static pixels over up to N outputs; 1 = off
     average_threshold: float = 4.0  # restart a pixel's average beyond this many noise std of change
     max_positions: int = 32  # stage positions whose history (temporal pairs, averages) is kept
     auto_noise: bool = False  # calibrate noise parameters on the channel's frames (`--preset auto`)
@@ -157,6 +157,7 @@ class ChannelModel:
             else getattr(torch, config.inference_dtype)
         )
         self._previous: dict[tuple[int, int], np.ndarray] = {}
+        self._bootstrap: Prepared | None = None  # the frame the cold start trains on
         self.average = TemporalAverage(config.average_frames, config.average_threshold,
                                        max_positions=config.max_positions)
         self._good_state = copy.deepcopy(self.net.state_dict())
@@ -252,7 +253,13 @@ class ChannelModel:
         cfg = self.config
         try:
             if not self.ready:
-                loss = self._bootstrap_step(prep)
+                # the whole cold start trains on the channel's first frame, as the offline default
+                # does: its target is computed once; frames arriving meanwhile are answered classically
+                if self._bootstrap is None or self._bootstrap.raw.shape != prep.raw.shape:
+                    self._bootstrap = prep
+                loss = self._bootstrap_step(self._bootstrap)
+                if self.ready:
+                    self._bootstrap = None
             elif self.steps % 2 == 1 and (pair := self._pair(prep)) is not None:
                 loss = self._temporal_step(pair)
             else:
@@ -288,7 +295,7 @@ class ChannelModel:
         return loss
 
     def _noise_step(self, prep: Prepared, crop: int, batch: int) -> float:
-        if not self.ready:  # hundreds of steps on this frame: compute its target once, then crop it
+        if not self.ready:  # the cold start's frame gets hundreds of steps: its target once, then crops
             y1 = random_crops(self._target(prep)[0].cpu(), crop, batch, self.trainer.crop_rng)
         else:  # a few steps per frame: the target of just the windows is cheaper
             y1 = target_crops(prep.unit, self.preset, self.config.target, crop, batch, self.trainer.crop_rng)

@@ -99,6 +99,7 @@ def run_demo(
     seed: int = 0,
     say: Callable[[str], None] = print,
     bootstrap_steps: int = 300,
+    average_frames: int = 1,
 ) -> dict[str, Any]:
     """Run the demo and return its report (also written to report.json in the run directory)."""
     import zmq
@@ -123,7 +124,7 @@ def run_demo(
         truth[i] = gt
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
-                             bootstrap_steps=bootstrap_steps,
+                             bootstrap_steps=bootstrap_steps, average_frames=average_frames,
                              budget_ms=budget_ms, threads=threads, device=device, seed=seed)
     service = StreamService(options).start()
     ctx = zmq.Context.instance()
@@ -231,12 +232,13 @@ def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
     p.add_argument("--budget-ms", type=float, default=50.0)
+    p.add_argument("--average", type=int, default=1, metavar="N", help="as for serve; 1 = off")
     add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), args.seconds, args.fps, args.size, args.preset, args.budget_ms,
                  args.threads, args.device, args.seed, say=lambda m: print(m, file=sys.stdout, flush=True),
-                 bootstrap_steps=args.bootstrap_steps)
+                 bootstrap_steps=args.bootstrap_steps, average_frames=args.average)
         return 0
 
     p.set_defaults(func=run)

@@ -46,7 +46,7 @@ class ServiceOptions:
     threads: int = 2
     temporal: bool = True
     bootstrap_steps: int = 905
-    average_frames: int = 8
+    average_frames: int = 1
     allow_remote: bool = False
     queue_size: int = 64
     max_finetune_steps: int = 8

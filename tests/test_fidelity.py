@@ -21,7 +21,7 @@ def test_static_stream_of_500_frames_keeps_photometry_and_does_not_flicker_or_dr
     truth = CAMERA.ideal(electrons)
     raws = [CAMERA.expose(electrons, rng) for _ in range(500)]
     cfg = PipelineConfig(ChannelConfig(get_preset("confocal"), bootstrap_steps=200, bootstrap_crop=64,
-                                       finetune_crop=64), threads=1)
+                                       finetune_crop=64, average_frames=8), threads=1)
     results = play(raws, cfg, fps=60)
     assert [r.status for r in results[1:]] == ["denoised"] * 499  # fine-tuned all along
     den = [r.pixels for r in results[1:]]
