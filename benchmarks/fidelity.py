@@ -26,16 +26,13 @@ import numpy as np
 import torch
 
 from fm2s_stream.channel import ChannelConfig
+from fm2s_stream.demo import psnr
 from fm2s_stream.fidelity import clipped_fraction, flicker_ratio, mean_drift, photometry, play
 from fm2s_stream.pipeline import PipelineConfig
 from fm2s_stream.presets import get_preset
 from fm2s_stream.synthetic import Camera, make_scene
 
 CAMERA = Camera(gain=2.0, read_noise=2.0, offset=100.0, bit_depth=16, correlation=0.7)
-
-
-def psnr(x: np.ndarray, gt: np.ndarray) -> float:
-    return float(10 * np.log10(float(gt.max() - gt.min()) ** 2 / np.mean((x.astype(np.float64) - gt) ** 2)))
 
 
 def config(args: argparse.Namespace, **channel: Any) -> PipelineConfig:

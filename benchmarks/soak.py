@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +23,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from fm2s_stream.demo import free_port
 from fm2s_stream.synthetic import Camera, TimeLapse
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:

@@ -66,21 +66,24 @@ class TemporalAverage:
         if state is not None:
             self._states[position] = state  # most recently seen last
         if state is None or state.out.shape != out.shape or self.max_frames == 1:
-            self._states[position] = _State(box, out.copy(), np.ones(out.shape, np.float32))
-            while len(self._states) > self.max_positions:
-                self._states.pop(next(iter(self._states)))
-            return out, 1.0
+            return self._restart(position, box, out)
         changed = self._changed(box, state)
         if changed.mean() > SCENE_CHANGE:
             self.scene_changes += 1
-            self._states[position] = _State(box, out.copy(), np.ones(out.shape, np.float32))
-            return out, 1.0
+            return self._restart(position, box, out)
         count = np.where(changed, np.float32(1), np.minimum(state.count + 1, np.float32(self.max_frames)))
         alpha = 1.0 / count
         state.raw += alpha * (box - state.raw)
         state.out += alpha * (out - state.out)
         state.count = count
         return state.out.copy(), float(count.mean())
+
+    def _restart(self, position: tuple[int, int], box: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
+        """Start this position's average afresh from the current frame (oldest positions forgotten)."""
+        self._states[position] = _State(box, out.copy(), np.ones(out.shape, np.float32))
+        while len(self._states) > self.max_positions:
+            self._states.pop(next(iter(self._states)))
+        return out, 1.0
 
     def _refit(self, raw: np.ndarray) -> None:
         if self.noise is not None and self.frames % self.refit_every != 1:
