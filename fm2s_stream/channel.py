@@ -27,13 +27,14 @@ from .devices import fast_inference_dtype
 from .model import FM2SNet
 from .offline import new_network
 from .presets import Preset
+from .registration import halve, overlap, refine_shift, register_shift
 from .scaling import Scaling, from_unit, quantize, scaling_for, to_unit
 from .temporal import TemporalAverage
 from .training import Trainer, as_batch, collapse_for_inference, make_target, random_crops, target_crops
 
 STRUCTURE_FRACTION = 0.5
 
-__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "channel_config", "register_shift"]
+__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "aligned_pair", "channel_config"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class ChannelConfig:
     snapshot_every: int = 20
     inference_dtype: str = "auto"  # "auto" (bfloat16 where native, see devices), "float32", "bfloat16"
     anchor_sigma: float = 8.0  # keep the raw frame's spatial frequencies below this scale (px); 0 = off
-    average_frames: int = 1  # motion-adaptive average of static pixels over up to N outputs; 1 = off
+    average_frames: int = 8  # motion-compensated average of unchanged pixels over up to N outputs; 1 = off
     average_threshold: float = 4.0  # restart a pixel's average beyond this many noise std of change
+    average_registration: bool = True  # register the averaged history to each frame (stage drift, panning)
     max_positions: int = 32  # stage positions whose history (temporal pairs, averages) is kept
     auto_noise: bool = False  # calibrate noise parameters on the channel's frames (`--preset auto`)
     recalibrate_every: int = 100  # frames between re-estimates (smoothed) when auto_noise
@@ -87,38 +89,6 @@ class Prepared:
     pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (current, previous) aligned overlap
     pair_checked: bool = False
     averaged: float = 1.0  # mean frames averaged per pixel in this frame's output
-
-
-def register_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """Integer (dy, dx) such that a[y, x] ~ b[y - dy, x - dx], by phase correlation."""
-    fa, fb = np.fft.rfft2(a - a.mean()), np.fft.rfft2(b - b.mean())
-    cross = fa * np.conj(fb)
-    cross /= np.abs(cross) + 1e-12
-    corr = np.fft.irfft2(cross, s=a.shape)
-    dy, dx = np.unravel_index(int(np.argmax(corr)), corr.shape)
-    h, w = a.shape
-    return (int(dy) - h if dy > h // 2 else int(dy), int(dx) - w if dx > w // 2 else int(dx))
-
-
-def _overlap(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Index windows (in cur, in prev) where cur[y, x] ~ prev[y - dy, x - dx]."""
-    cur = (slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx)))
-    prev = (slice(max(0, -dy), h + min(0, -dy)), slice(max(0, -dx), w + min(0, -dx)))
-    return cur, prev
-
-
-def refine_shift(cur: np.ndarray, prev: np.ndarray, dy: int, dx: int) -> tuple[int, int]:
-    """The best integer shift within +-1 pixel of (dy, dx), by the blurred frames' squared difference."""
-    h, w = cur.shape
-    a, b = ndimage.gaussian_filter(cur, 1.0), ndimage.gaussian_filter(prev, 1.0)
-    best, best_err = (dy, dx), np.inf
-    for ey in (-1, 0, 1):
-        for ex in (-1, 0, 1):
-            (ya, xa), (yb, xb) = _overlap(h, w, dy + ey, dx + ex)
-            err = float(np.mean((a[ya, xa] - b[yb, xb]) ** 2)) if a[ya, xa].size else np.inf
-            if err < best_err:
-                best, best_err = (dy + ey, dx + ex), err
-    return best
 
 
 class ChannelModel:
@@ -159,7 +129,7 @@ class ChannelModel:
         self._previous: dict[tuple[int, int], np.ndarray] = {}
         self._bootstrap: Prepared | None = None  # the frame the cold start trains on
         self.average = TemporalAverage(config.average_frames, config.average_threshold,
-                                       max_positions=config.max_positions)
+                                       max_positions=config.max_positions, motion=config.average_registration)
         self._good_state = copy.deepcopy(self.net.state_dict())
         self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
 
@@ -348,12 +318,11 @@ def aligned_pair(
     pairs 0.03-0.24, a 3-pixel misregistration 0.29-0.40, a different scene 1.4-2.6.
     """
     h, w = cur.shape
-    half = lambda a: a[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))  # noqa: E731
-    dy, dx = register_shift(ndimage.gaussian_filter(half(cur), 1.0), ndimage.gaussian_filter(half(prev), 1.0))
+    dy, dx = register_shift(ndimage.gaussian_filter(halve(cur), 1.0), ndimage.gaussian_filter(halve(prev), 1.0))
     dy, dx = refine_shift(cur, prev, 2 * dy, 2 * dx)  # registered at half resolution, refined to 1 pixel
     if abs(dy) > h // 4 or abs(dx) > w // 4:
         return None
-    (ys, xs), (yp, xp) = _overlap(h, w, dy, dx)
+    (ys, xs), (yp, xp) = overlap(h, w, dy, dx)
     a, b = cur[ys, xs], prev[yp, xp]
     if min(a.shape) < 32:
         return None

@@ -255,6 +255,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
+    from .channel import ChannelConfig
     from .training import SCHEDULES
 
     ap = argparse.ArgumentParser(prog="fm2s-stream", description="Real-time zero-shot FM2S denoising.")
@@ -282,9 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
     p.add_argument("--bootstrap-steps", type=int, default=905,
                    help="training steps of a channel's cold start (classical pre-denoiser meanwhile)")
-    p.add_argument("--average", type=int, default=1, metavar="N",
-                   help="average static pixels over up to N outputs (restarts on change); 1 = off. "
-                        "For still samples: 8 cuts flicker 3x, but slow drift gets smeared")
+    p.add_argument("--average", type=int, default=ChannelConfig.average_frames, metavar="N",
+                   help="average what did not change over up to N outputs, after registering the stage "
+                        "drift (restarts where the sample changes); 1 = off, e.g. for fast calcium transients")
     p.add_argument("--bind", default=None, help="host other than 127.0.0.1 to accept (warned about)")
     p.add_argument("--status-every", type=float, default=1.0, help="seconds between status lines")
     p.add_argument("--curve", default=None, metavar="KEYDIR",

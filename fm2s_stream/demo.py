@@ -99,7 +99,7 @@ def run_demo(
     seed: int = 0,
     say: Callable[[str], None] = print,
     bootstrap_steps: int = 300,
-    average_frames: int = 1,
+    average_frames: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its report (also written to report.json in the run directory)."""
     import zmq
@@ -124,8 +124,9 @@ def run_demo(
         truth[i] = gt
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
-                             bootstrap_steps=bootstrap_steps, average_frames=average_frames,
-                             budget_ms=budget_ms, threads=threads, device=device, seed=seed)
+                             bootstrap_steps=bootstrap_steps,
+                             budget_ms=budget_ms, threads=threads, device=device, seed=seed,
+                             **({} if average_frames is None else {"average_frames": average_frames}))
     service = StreamService(options).start()
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
@@ -224,6 +225,8 @@ def format_summary(s: dict[str, Any], run: Path) -> str:
 
 def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register the `demo` sub-command."""
+    from .channel import ChannelConfig
+
     p = sub.add_parser("demo", help="synthetic 2-channel camera -> ZMQ -> fm2s -> ZMQ + OME-TIFF")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--bootstrap-steps", type=int, default=300,
@@ -232,7 +235,8 @@ def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
     p.add_argument("--budget-ms", type=float, default=50.0)
-    p.add_argument("--average", type=int, default=1, metavar="N", help="as for serve; 1 = off")
+    p.add_argument("--average", type=int, default=ChannelConfig.average_frames, metavar="N",
+                   help="as for serve; 1 = off")
     add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .channel import ChannelConfig, ChannelModel
+from .channel import ChannelConfig, ChannelModel, Prepared
 from .frame import Frame, FrameError, Result
 from .sinks import FrameSink, SinkRelay
 
@@ -155,20 +155,29 @@ class Pipeline:
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
-        pending = None  # (model, prepared) of the last frame, for idle-time learning
+        # channels still in their cold start -> (model, its latest frame), most recently active last
+        cold: dict[str, tuple[ChannelModel, Prepared]] = {}
         while True:
             try:
-                frame = self._queue.get(timeout=0.01 if pending else 0.2)
+                frame = self._queue.get(timeout=0.01 if cold else 0.2)
             except queue.Empty:
-                if pending is not None and not pending[0].ready:  # idle: finish the cold start
-                    self._learn(*pending, deadline=None, max_steps=10**9, until_ready=True)
+                if cold:  # idle: finish cold starts, the most recently active channel first
+                    name = next(reversed(cold))
+                    model, prep = cold[name]
+                    self._learn(model, prep, deadline=None, max_steps=10**9, until_ready=True)
+                    if model.ready:
+                        del cold[name]
                 continue
             if frame is None:
                 break
-            pending = self._process(frame) or pending
+            done = self._process(frame)
+            if done is not None:
+                cold.pop(done[0].name, None)
+                if not done[0].ready:
+                    cold[done[0].name] = done
         log.debug("worker drained")
 
-    def _process(self, frame: Frame) -> tuple[ChannelModel, object] | None:
+    def _process(self, frame: Frame) -> tuple[ChannelModel, Prepared] | None:
         backlog = self._queue.qsize()
         model: ChannelModel | None = None
         prep = None
@@ -238,7 +247,7 @@ class Pipeline:
         return (self._step_ema + self._infer_ema) * 1000 <= self.config.budget_ms
 
     def _learn(
-        self, model: ChannelModel, prep: object, deadline: float | None, max_steps: int, at_least: int = 0,
+        self, model: ChannelModel, prep: Prepared, deadline: float | None, max_steps: int, at_least: int = 0,
         until_ready: bool = False,
     ) -> None:
         """Train while no frame waits, until `deadline` or `max_steps` (but at least `at_least` steps);
@@ -251,7 +260,7 @@ class Pipeline:
                 break
             t_step = time.perf_counter()
             try:
-                model.train_step(prep)  # type: ignore[arg-type]
+                model.train_step(prep)
             except Exception:
                 log.exception("training step failed on channel %r; restored last good state", model.name)
                 with self._lock:

@@ -16,7 +16,7 @@ import zmq
 
 from .adapters.curve import CurveKeys, start_authenticator
 from .adapters.zmq import PreviewPubSink, ZmqPushSink, ZmqSource, check_endpoint
-from .channel import channel_config
+from .channel import ChannelConfig, channel_config
 from .devices import resolve_device
 from .pipeline import Pipeline, PipelineConfig
 from .sinks import FrameSink, SinkChain
@@ -46,7 +46,7 @@ class ServiceOptions:
     threads: int = 2
     temporal: bool = True
     bootstrap_steps: int = 905
-    average_frames: int = 1
+    average_frames: int = ChannelConfig.average_frames
     allow_remote: bool = False
     queue_size: int = 64
     max_finetune_steps: int = 8

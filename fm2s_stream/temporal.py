@@ -1,53 +1,81 @@
-"""TemporalAverage: a motion-adaptive running average of a channel's denoised frames.
+"""TemporalAverage: a motion-compensated, change-adaptive running average of a channel's outputs.
 
 A single-frame denoiser leaves frame-to-frame flicker: on a static field each output still carries
-~0.4x the raw noise, re-drawn every frame. Static pixels are therefore averaged recursively over up
-to `max_frames` frames (weight 1/n, n capped), which cuts the flicker by ~sqrt(2 max_frames - 1).
-Nothing that changes is averaged: a pixel restarts from the current frame when its raw value,
-averaged over 3x3, differs from its running raw average by more than `threshold` standard deviations
-of the expected noise (camera Poisson-Gaussian variance, re-fitted from the frames every
-`refit_every` frames, times the robust spread of the normalised differences, learnt on frames that
-barely changed, so that correlated noise and model error do not trigger it); the decision is
-dilated by one pixel. When most of the field changes (a stage move,
-a new scene) every pixel restarts. The average is unbiased for static pixels, so photometry holds.
+~0.4x the raw noise, re-drawn every frame. Pixels that show the same thing as before are therefore
+averaged recursively over up to `max_frames` frames (weight 1/n, n capped), which cuts the flicker
+by ~sqrt(2 max_frames - 1) and leaves their photometry unbiased.
+
+Motion: before averaging, the history is registered to the current frame (global translation to a
+fraction of a pixel, `registration.subpixel_shift`), so a drifting stage or a panning field keeps
+its average instead of being smeared or restarted. The history is kept on its own pixel grid, offset
+from the current frame by less than a pixel (`frac`); whole-pixel moves shift it losslessly, and only
+the difference between history and current frame is interpolated, so the current frame's detail is
+never resampled and interpolation blur never compounds over frames.
+
+Change: a pixel restarts from the current frame when its raw value, averaged over 3x3 (or, for
+faint extended changes, over ~9x9 or ~30x30), leaves its running raw average by more than
+`threshold` standard deviations of the expected noise at that scale; the decision is dilated by one
+pixel. The expected noise is a Poisson-Gaussian line (variance = a * level + b) of the 3x3 raw mean,
+first guessed from one frame's camera fit, then learnt from the frame-to-frame differences of pixels
+that did not change (so spatially correlated noise and a poor single-frame fit are corrected), times
+a robust spread learnt per scale on frames that barely changed. When most of the field changes (a
+new scene), or no registration is found, everything restarts.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .calibrate import estimate_noise
+from .registration import halve, separable_filter, shift_fraction, subpixel_shift
 
 __all__ = ["TemporalAverage"]
 
 SCENE_CHANGE = 0.3  # fraction of changed pixels above which the whole field restarts
+CHI2_MEDIAN = 0.4549  # median of a chi-square variable with one degree of freedom
+SNAP = 0.05  # sub-pixel offsets below this (pixels) are not worth an interpolation
+BOX3 = np.full(3, 1 / 3, np.float32)
+BOX7 = np.full(7, 1 / 7, np.float32)
+
+
+def _variance_factor(kernel_1d: np.ndarray) -> float:
+    """White-noise variance of a separable region mean of the 3x3-averaged frame, relative to the 3x3 mean."""
+    k = np.convolve(BOX3, kernel_1d)
+    return float((np.sum(k**2) / np.sum(BOX3**2)) ** 2)
+
+
+# the three scales of change detection: 3x3, ~9x9 (box3 then box7) and ~30x30 (4x4 blocks, then box7)
+WIDE_VARIANCE = _variance_factor(BOX7)
+REGION_VARIANCE = _variance_factor(np.full(28, 1 / 28))
 
 
 @dataclass
 class _State:
     raw: np.ndarray  # running average of the 3x3-averaged raw frame (camera units, float32)
     out: np.ndarray  # running average of the denoised frame
-    count: np.ndarray  # frames in each pixel's average (1..max_frames)
+    count: np.ndarray  # frames in each pixel's average (0: no history yet)
+    frac: tuple[float, float] = (0.0, 0.0)  # history pixel i shows the current frame's position i + frac
 
 
 class TemporalAverage:
-    """Per stage position: average static pixels of consecutive denoised frames, restart on change."""
+    """Per stage position: align, then average what did not change over consecutive denoised frames."""
 
-    def __init__(self, max_frames: int = 8, threshold: float = 4.0, refit_every: int = 16,
-                 max_positions: int = 32) -> None:
+    def __init__(self, max_frames: int = 8, threshold: float = 4.0, max_positions: int = 32,
+                 motion: bool = True) -> None:
         if max_frames < 1:
             raise ValueError("max_frames must be >= 1")
         self.max_frames = max_frames
         self.threshold = threshold
-        self.refit_every = refit_every
         self.max_positions = max_positions  # bounds memory: least recently seen positions are forgotten
-        self.noise: tuple[float, float] | None = None  # (a, b): var = a * v + b, smoothed over refits
+        self.motion = motion  # register the history to each frame (off: a static field is assumed)
+        self.noise: tuple[float, float] | None = None  # (a, b): variance of the 3x3 raw mean = a * level + b
         self.frames = 0
         self.scene_changes = 0
-        self.spread: float | None = None  # robust std of the normalised difference on static frames
+        self.last_shift: tuple[float, float] = (0.0, 0.0)
+        self.spread: dict[str, float] = {}  # per scale: robust std of the normalised difference, static frames
         self._states: dict[tuple[int, int], _State] = {}
 
     def reset(self) -> None:
@@ -58,25 +86,35 @@ class TemporalAverage:
         np.ndarray, float
     ]:
         """(averaged denoised frame as float32, mean number of frames averaged per pixel)."""
+        out = np.asarray(denoised, np.float32)
+        if self.max_frames == 1:
+            return out, 1.0
         self.frames += 1
-        self._refit(raw)
-        box = ndimage.uniform_filter(raw.astype(np.float32), 3, mode="reflect")
-        out = denoised.astype(np.float32)
+        if self.noise is None:
+            self._start_noise_model(raw)
+        box = separable_filter(raw, BOX3, BOX3)
         state = self._states.pop(position, None)
         if state is not None:
             self._states[position] = state  # most recently seen last
-        if state is None or state.out.shape != out.shape or self.max_frames == 1:
+        if state is None or state.out.shape != out.shape:
             return self._restart(position, box, out)
-        changed = self._changed(box, state)
-        if changed.mean() > SCENE_CHANGE:
+        if not self._follow(state, out):
+            self.scene_changes += 1
+            return self._restart(position, box, out)
+        fy, fx = state.frac
+        box_h, out_h = shift_fraction(box, -fy, -fx), shift_fraction(out, -fy, -fx)  # on the history's grid
+        changed, fine = self._changed(box_h, state)
+        if fine > SCENE_CHANGE:
             self.scene_changes += 1
             return self._restart(position, box, out)
         count = np.where(changed, np.float32(1), np.minimum(state.count + 1, np.float32(self.max_frames)))
         alpha = 1.0 / count
-        state.raw += alpha * (box - state.raw)
-        state.out += alpha * (out - state.out)
+        state.raw += alpha * (box_h - state.raw)
+        state.out += alpha * (out_h - state.out)
         state.count = count
-        return state.out.copy(), float(count.mean())
+        # the current frame as it is, plus the history's difference from it brought to its grid
+        result = out + shift_fraction(state.out - out_h, fy, fx) if (fy or fx) else state.out.copy()
+        return result, float(count.mean())
 
     def _restart(self, position: tuple[int, int], box: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
         """Start this position's average afresh from the current frame (oldest positions forgotten)."""
@@ -85,33 +123,109 @@ class TemporalAverage:
             self._states.pop(next(iter(self._states)))
         return out, 1.0
 
-    def _refit(self, raw: np.ndarray) -> None:
-        if self.noise is not None and self.frames % self.refit_every != 1:
-            return
+    def _follow(self, state: _State, out: np.ndarray) -> bool:
+        """Register the history to the current frame and move it there; False if no match is found."""
+        if not self.motion:
+            return True
+        h, w = out.shape
+        shift = subpixel_shift(out, state.out, max_shift=min(h, w) / 4)
+        if shift is None:
+            return False
+        self.last_shift = shift  # history pixel j shows the current frame's position j + shift
+        whole = (round(shift[0]), round(shift[1]))
+        frac = tuple(0.0 if abs(t - n) < SNAP else t - n for t, n in zip(shift, whole))
+        state.frac = (float(frac[0]), float(frac[1]))
+        if whole != (0, 0):
+            for name in ("raw", "out", "count"):
+                setattr(state, name, _roll(getattr(state, name), whole))
+        return True
+
+    def _start_noise_model(self, raw: np.ndarray) -> None:
+        """First guess of the 3x3-mean noise: the camera fit of one frame, as if the noise were white."""
         try:
             est = estimate_noise(raw)
-        except ValueError:  # too structured to fit: keep the previous model
+        except ValueError:  # too structured to fit: wait for temporal differences
             return
-        new = (est.a, max(est.b, 1e-6 - est.a * est.black))
-        if not all(np.isfinite(new)):
-            return
-        old = self.noise
-        self.noise = new if old is None else (0.7 * old[0] + 0.3 * new[0], 0.7 * old[1] + 0.3 * new[1])
+        a, b = est.a / 9.0, max(est.b, 1e-6 - est.a * est.black) / 9.0
+        if np.isfinite(a) and np.isfinite(b):
+            self.noise = (a, b)
 
-    def _changed(self, box: np.ndarray, state: _State) -> np.ndarray:
-        """Pixels whose 3x3 raw mean left their running average by more than the noise explains."""
-        diff = box - state.raw
+    def _learn_noise_model(self, diff: np.ndarray, state: _State, still: np.ndarray) -> None:
+        """Refine the 3x3-mean noise model from frame-to-frame differences of pixels that did not change:
+        a robust line through the median squared difference per intensity bin, averaged over frames."""
+        level = state.raw[::2, ::2][still[::2, ::2]]
+        if level.size < 256:
+            return
+        count = state.count[::2, ::2][still[::2, ::2]]
+        sq = (diff[::2, ::2][still[::2, ::2]] ** 2) / (1.0 + 1.0 / count)
+        edges = np.unique(np.quantile(level, np.linspace(0, 1, 9)))
+        xs, ys = [], []
+        for lo, hi in itertools.pairwise(edges):
+            sel = (level >= lo) & (level <= hi)
+            if sel.sum() >= 32:
+                xs.append(float(np.median(level[sel])))
+                ys.append(float(np.median(sq[sel])) / CHI2_MEDIAN)
+        if not xs:
+            return
+        if len(xs) >= 2 and np.ptp(xs) > 0:
+            a, b = (float(c) for c in np.polyfit(xs, ys, 1, w=1.0 / np.maximum(ys, 1e-12)))
+            a = max(a, 0.0)
+            b = max(b, 0.1 * min(ys) - a * min(xs))  # keeps the variance positive at the darkest level
+        else:
+            a, b = 0.0, float(np.mean(ys))
+        old = self.noise
+        self.noise = (a, b) if old is None else (0.9 * old[0] + 0.1 * a, 0.9 * old[1] + 0.1 * b)
+
+    def _changed(self, box: np.ndarray, state: _State) -> tuple[np.ndarray, float]:
+        """Pixels whose 3x3 (~9x9, ~30x30) raw mean left its running average by more than the noise
+        explains, and pixels without history; and the fraction of the frame changed at 3x3 (the
+        coarser scales mark the surroundings of any local change, so they do not decide scene changes)."""
+        fresh = state.count < 1
+        diff = np.where(fresh, np.float32(0), box - state.raw)
         if self.noise is not None:
             a, b = self.noise
-            var = np.maximum(a * state.raw + b, 1e-6) / 9.0 * (1.0 + 1.0 / state.count)
-            z = diff / np.sqrt(var)
+            sd = np.sqrt(np.maximum(a * state.raw + b, 1e-6) * (1.0 + 1.0 / np.maximum(state.count, 1)))
         else:
-            z = diff
-        current = 1.4826 * float(np.median(np.abs(z[::4, ::4])))
-        if self.noise is not None:
-            current = min(max(current, 1.0), 3.0)  # correlated noise / model error, never below the model
-        spread = current if self.spread is None else self.spread
-        changed = np.abs(z) > self.threshold * max(spread, 1e-12)
-        if changed.mean() < 0.05:  # a (nearly) static frame: it teaches what the noise looks like
-            self.spread = current if self.spread is None else 0.9 * self.spread + 0.1 * current
-        return ndimage.binary_dilation(changed, structure=np.ones((3, 3), bool))
+            sd = np.ones_like(diff)
+        changed = fresh.copy()
+        quiet, fine, finer = True, 0.0, 1.0
+        scales = [("3x3", diff / sd), ("9x9", separable_filter(diff, BOX7, BOX7) / (sd * WIDE_VARIANCE**0.5))]
+        if min(diff.shape) >= 64:
+            quarter = lambda a: halve(halve(a))  # noqa: E731 - 4x4 block means
+            wide = separable_filter(quarter(diff), BOX7, BOX7) / (quarter(sd) * REGION_VARIANCE**0.5)
+            scales.append(("30x30", _expand(wide, diff.shape)))
+        for scale, z in scales:
+            current = 1.4826 * float(np.median(np.abs(z[::4, ::4])))  # (one sample per 4x4 block)
+            if self.noise is not None:
+                # correlated noise and model error only ever add spread, and more so at coarser scales;
+                # a coarse scale has few independent samples per frame, so its estimate is floored
+                current = min(max(current, finer), 5.0)
+            spread = self.spread.get(scale, current)
+            finer = spread
+            hit = np.abs(z) > self.threshold * max(spread, 1e-12)
+            fraction = float(hit.mean())
+            fine = fraction if scale == "3x3" else fine
+            quiet = quiet and fraction < 0.05
+            changed |= hit
+            if quiet:  # a (nearly) static frame teaches what the noise looks like at this scale
+                self.spread[scale] = current if scale not in self.spread else 0.9 * spread + 0.1 * current
+        if fine < 0.05:
+            self._learn_noise_model(diff, state, ~changed)
+        return separable_filter(changed.astype(np.float32), BOX3, BOX3) > 0, fine  # dilated by one pixel
+
+
+def _expand(small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Blocks of 4x4 back to full resolution (nearest; edges repeated where the shape is not a multiple of 4)."""
+    big = np.repeat(np.repeat(small, 4, axis=0), 4, axis=1)
+    return np.pad(big, ((0, shape[0] - big.shape[0]), (0, shape[1] - big.shape[1])), mode="edge")
+
+
+def _roll(a: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+    """`a` moved by whole pixels (out[y] = a[y - shift]); what enters from outside is 0 (count 0: no history)."""
+    out = np.roll(a, shift, axis=(0, 1))
+    dy, dx = shift
+    out[: max(dy, 0)] = 0
+    out[out.shape[0] + min(dy, 0) :] = 0
+    out[:, : max(dx, 0)] = 0
+    out[:, out.shape[1] + min(dx, 0) :] = 0
+    return out

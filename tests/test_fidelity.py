@@ -39,7 +39,7 @@ def test_static_stream_of_500_frames_keeps_photometry_and_does_not_flicker_or_dr
 
 def test_average_restarts_where_the_scene_changes_and_keeps_averaging_elsewhere():
     rng = np.random.default_rng(0)
-    electrons = make_scene((64, 64), rng, peak=80, background=5, cells=2)
+    electrons = make_scene((128, 128), rng, peak=80, background=5, cells=2)
     avg = TemporalAverage(max_frames=8)
     for _ in range(10):
         raw = CAMERA.expose(electrons, rng)
@@ -55,7 +55,7 @@ def test_average_restarts_where_the_scene_changes_and_keeps_averaging_elsewhere(
     out, n = avg.apply(CAMERA.expose(moved, rng), CAMERA.ideal(moved))
     differs = np.abs(CAMERA.ideal(moved) - CAMERA.ideal(changed)) > 40
     np.testing.assert_allclose(out[differs], CAMERA.ideal(moved)[differs], rtol=1e-5)
-    other = make_scene((64, 64), np.random.default_rng(9), peak=80, background=40)  # new field, brighter
+    other = make_scene((128, 128), np.random.default_rng(9), peak=80, background=40)  # new field, brighter
     out, n = avg.apply(CAMERA.expose(other, rng), CAMERA.ideal(other))
     assert n == 1.0 and avg.scene_changes >= 1  # a new scene restarts everything
 
