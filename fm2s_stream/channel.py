@@ -28,7 +28,7 @@ from .model import FM2SNet
 from .offline import new_network
 from .presets import Preset
 from .registration import halve, overlap, refine_shift, register_shift
-from .scaling import Scaling, from_unit, quantize, scaling_for, to_unit
+from .scaling import Scaling, quantize, scaling_for, to_unit
 from .temporal import TemporalAverage
 from .training import Trainer, as_batch, collapse_for_inference, make_target, random_crops, target_crops
 
@@ -130,6 +130,7 @@ class ChannelModel:
         self._bootstrap: Prepared | None = None  # the frame the cold start trains on
         self.average = TemporalAverage(config.average_frames, config.average_threshold,
                                        max_positions=config.max_positions, motion=config.average_registration)
+        self._classical_history = False  # the temporal average holds pre-denoiser outputs (cold start)
         self._good_state = copy.deepcopy(self.net.state_dict())
         self._good_opt = copy.deepcopy(self.trainer.optimizer.state_dict())
 
@@ -173,10 +174,21 @@ class ChannelModel:
         return Scaling((1 - a) * old.black + a * new.black, (1 - a) * old.white + a * new.white)
 
     def infer(self, prep: Prepared) -> tuple[np.ndarray, str]:
-        """Denoised pixels (input dtype) and their status: "denoised" or "bootstrap"."""
+        """Denoised pixels (input dtype) and their status: "denoised" or "bootstrap".
+
+        Either answer goes through the temporal average: during the cold start the classical
+        pre-denoiser's outputs are averaged (a still or drifting field gains from time already), and
+        that history is dropped when the network takes over, so its outputs are not mixed with them.
+        """
         if not self.ready:
             out = make_target(prep.unit, self.preset, "gauss")
-            return from_unit(out, prep.scaling, prep.raw.dtype), "bootstrap"
+            camera = out * np.float32(prep.scaling.span) + np.float32(prep.scaling.black)
+            camera, prep.averaged = self.average.apply(prep.raw, camera, prep.position)
+            self._classical_history = True
+            return quantize(camera, prep.raw.dtype), "bootstrap"
+        if self._classical_history:
+            self.average.reset()
+            self._classical_history = False
         if self._inference_net is None:
             one = collapse_for_inference(self.net).to(self.inference_dtype)
             self._inference_net = one.to(memory_format=torch.channels_last)

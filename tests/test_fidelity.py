@@ -78,3 +78,25 @@ def test_regions_are_quarters_of_tiles():
     r = regions(truth)
     assert r["bright"].mean() == pytest.approx(0.25) and r["dark"].mean() == pytest.approx(0.25)
     assert truth[r["bright"]].min() > truth[r["dark"]].max()
+
+
+def test_cold_start_answers_are_averaged_and_the_network_starts_a_fresh_average():
+    from fm2s_stream.channel import ChannelModel
+    from fm2s_stream.demo import psnr
+
+    rng = np.random.default_rng(3)
+    electrons = make_scene((96, 96), rng, peak=60, background=3)
+    truth = CAMERA.ideal(electrons)
+    model = ChannelModel("c", ChannelConfig(get_preset("confocal"), bootstrap_steps=30, bootstrap_crop=32))
+    answers = []
+    for _ in range(6):
+        prep = model.prepare(CAMERA.expose(electrons, rng))
+        pixels, status = model.infer(prep)
+        answers.append((status, prep.averaged, psnr(pixels, truth)))
+    assert all(s == "bootstrap" for s, _, _ in answers)
+    assert answers[-1][1] > 5 and answers[-1][2] > answers[0][2] + 2  # a still field gains from time already
+    while not model.ready:
+        model.train_step(prep)
+    prep = model.prepare(CAMERA.expose(electrons, rng))
+    _, status = model.infer(prep)
+    assert status == "denoised" and prep.averaged == 1.0  # the pre-denoiser's history was dropped
