@@ -1,6 +1,6 @@
 """Calibration accuracy on synthetic frames with known camera noise, and the FMD reference ratio.
 
-usage: python benchmarks/calibration.py [--data ../shared/data/fmd] [--size 512]
+usage: python benchmarks/calibration.py [--data ../shared/data/fmd] [--size 512] [--draws 5]
 
 Part 1: a grid of gains (0.5-20 ADU/e-) x read noise (1-10 e-) x offsets, at 16 bit (and 8 bit where
 the range allows), white and spatially correlated noise: estimated gain and read noise (given the
@@ -24,13 +24,12 @@ from fm2s_stream.scaling import scaling_for
 from fm2s_stream.synthetic import Camera, make_scene
 
 
-def synthetic_grid(size: int) -> float:
+def synthetic_grid(size: int, draws: int) -> float:
     print(f"{'bits':>4s} {'gain':>6s} {'read e':>6s} {'offset':>6s} {'corr':>4s} | {'gain est':>8s} {'err %':>6s} "
-          f"{'read est':>8s} {'err %':>6s} {'rho':>5s} {'ms':>6s}")
-    worst = 0.0
-    rng = np.random.default_rng(0)
-    scene = make_scene((size, size), rng, peak=300, background=10)
-    estimate_noise(Camera().expose(np.full((64, 64), 50.0), rng))  # compile the numba kernel first
+          f"{'worst %':>7s} {'read est':>8s} {'err %':>6s} {'rho':>5s} {'ms':>6s}   (first draw; worst of {draws})")
+    worst, over, cells = 0.0, 0, 0
+    scene = make_scene((size, size), np.random.default_rng(0), peak=300, background=10)
+    estimate_noise(Camera().expose(np.full((64, 64), 50.0), np.random.default_rng(0)))  # compile the kernel first
     for bits, gains in ((16, (0.5, 2.0, 5.0, 20.0)), (8, (0.5, 0.8))):
         for gain in gains:
             for read in (1.0, 3.0, 10.0):
@@ -38,23 +37,32 @@ def synthetic_grid(size: int) -> float:
                     offset = 100.0 if bits == 16 else 10.0
                     electrons = scene * (0.5 if bits == 8 else 1.0)
                     cam = Camera(gain=gain, read_noise=read, offset=offset, bit_depth=bits, correlation=corr)
-                    frame = cam.expose(electrons, rng)
-                    t0 = time.perf_counter()
-                    est = estimate_noise(frame)
-                    ms = (time.perf_counter() - t0) * 1000
-                    g_err = 100 * (est.a / gain - 1)
-                    r_est = est.read_noise_electrons(offset)
+                    errs, first, ms = [], None, 0.0
+                    for draw in range(draws):
+                        frame = cam.expose(electrons, np.random.default_rng(100 + draw))
+                        t0 = time.perf_counter()
+                        est = estimate_noise(frame)
+                        ms = ms or (time.perf_counter() - t0) * 1000
+                        first = first or est
+                        errs.append(100 * (est.a / gain - 1))
+                    assert first is not None
+                    cell_worst = max(errs, key=abs)
+                    worst = max(worst, abs(cell_worst))
+                    cells += 1
+                    over += abs(cell_worst) > 10
+                    r_est = first.read_noise_electrons(offset)
                     r_err = 100 * (r_est / read - 1)
-                    worst = max(worst, abs(g_err))
-                    print(f"{bits:4d} {gain:6.1f} {read:6.1f} {offset:6.0f} {corr:4.1f} | {est.a:8.3f} {g_err:6.1f} "
-                          f"{r_est:8.2f} {r_err:6.1f} {est.rho:5.2f} {ms:6.2f}")
+                    print(f"{bits:4d} {gain:6.1f} {read:6.1f} {offset:6.0f} {corr:4.1f} | {first.a:8.3f} "
+                          f"{errs[0]:6.1f} {cell_worst:7.1f} {r_est:8.2f} {r_err:6.1f} {first.rho:5.2f} {ms:6.2f}"
+                          + ("  > 10 %" if abs(cell_worst) > 10 else ""))
+    print(f"cells with a draw beyond 10 %: {over} of {cells}")
     return worst
 
 
 def fmd_ratios(data: Path) -> None:
     print(f"\n{'image':24s} {'a':>7s} {'b':>7s} {'rho':>5s} {'real var@median':>15s} "
           + " ".join(f"{'ratio ' + p:>16s}" for p in ("confocal", "twophoton", "widefield")))
-    ratios = []
+    ratios: dict[str, list[float]] = {"white": [], "correlated": []}
     for path in sorted((data / "raw").glob("*.png")):
         from PIL import Image
 
@@ -62,21 +70,23 @@ def fmd_ratios(data: Path) -> None:
         est = estimate_noise(frame)
         sc = scaling_for(frame)
         x = (est.median_level - sc.black) / sc.span
-        real = float(est.variance(est.median_level)) / sc.span**2
+        real = est.observed_variance(est.median_level) / sc.span**2
         own = {"Confocal": "confocal", "TwoPhoton": "twophoton", "WideField": "widefield"}[path.stem.split("_")[0]]
         row = {p: preset_variance(get_preset(p), x) / real for p in ("confocal", "twophoton", "widefield")}
-        ratios.append(row[own])
+        ratios["correlated" if own == "widefield" else "white"].append(row[own])
         print(f"{path.stem:24s} {est.a:7.3f} {est.b:7.2f} {est.rho:5.2f} {real:15.6f} "
               + " ".join(f"{row[p]:16.2f}" for p in row))
-    print(f"geometric mean of each image's own-preset ratio: {np.exp(np.mean(np.log(ratios))):.2f}")
+    for kind, values in ratios.items():
+        print(f"geometric mean of each image's own-preset ratio, {kind} noise: {np.exp(np.mean(np.log(values))):.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/data/fmd"))
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--draws", type=int, default=5, help="noise draws per grid cell")
     args = ap.parse_args()
-    worst = synthetic_grid(args.size)
+    worst = synthetic_grid(args.size, args.draws)
     print(f"worst gain error over the grid: {worst:.1f}%")
     if (args.data / "raw").is_dir():
         fmd_ratios(args.data)

@@ -1,7 +1,7 @@
 """Quality benchmark on real data with ground truth: PSNR/SSIM and time per image, side by side.
 
 usage: python benchmarks/quality.py --data ../shared/data/fmd [--methods raw,median3,median5,gauss1,paper,fast]
-       [--max-images N] [--only SUBSTR] [--json out.json] [--fast KEY=VALUE,...]
+       [--max-images N] [--only SUBSTR] [--seeds N] [--json out.json] [--fast KEY=VALUE,...]
 
 Methods: raw, median3, median5, gauss1 (classical); paper, fast (FM2S schedules, each image's paper
 preset); auto (fast, noise calibrated on the image); fast16 / auto16 (the image as a 16-bit camera
@@ -106,6 +106,20 @@ def parse_overrides(text: str) -> dict[str, object]:
     return out
 
 
+def run_method(m: str, raw: np.ndarray, preset: str, fast: object, seed: int) -> np.ndarray:
+    """One method's output for one image, on the 8-bit scale of `raw`."""
+    if m in ("paper", "fast"):  # the paper's schedule as published: no photometric anchoring
+        return denoise(raw, preset, fast if m == "fast" else "paper", device="cpu", seed=seed,  # type: ignore[arg-type]
+                       anchor_sigma=16.0 if m == "fast" else 0.0)
+    if m == "auto":
+        return denoise(raw, "auto", fast, device="cpu", seed=seed)  # type: ignore[arg-type]
+    if m in ("fast16", "auto16"):  # the same frame as a 16-bit camera would give it
+        raw16 = to16(raw, np.random.default_rng(seed))
+        out16 = denoise(raw16, "auto" if m == "auto16" else preset, fast, device="cpu", seed=seed)  # type: ignore[arg-type]
+        return (out16.astype(np.float64) - OFFSET16) / SCALE16
+    return classical(m, raw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/data/fmd"))
@@ -116,6 +130,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fast", default="", help="override fast-schedule fields, e.g. rounds=300")
     ap.add_argument("--preset", default="", help="force one preset for all images")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run each FM2S method with seeds 0..N-1 and report the mean (one run is +-0.2 dB per image)")
     args = ap.parse_args()
     if not args.data.is_dir():
         print(f"no data at {args.data}: nothing to benchmark", file=sys.stderr)
@@ -127,31 +143,25 @@ def main() -> None:
     if args.max_images:
         images = images[: args.max_images]
     rows: list[dict[str, object]] = []
-    print(f"{'image':24s} " + " ".join(f"{m:>15s}" for m in methods) + "   (PSNR dB / seconds)")
+    head = " ".join(f"{m:>19s}" for m in methods)
+    print(f"{'image':24s} {head}   (PSNR dB [+- half range over seeds] / seconds)")
     for name, rp, gp in images:
         raw, gt = load(rp), load(gp)
         preset = args.preset or preset_for(name)
         cells = []
         for m in methods:
-            t0 = time.perf_counter()
-            if m in ("paper", "fast"):
-                # the paper's schedule as published: no photometric anchoring
-                out = denoise(raw, preset, fast if m == "fast" else "paper", device="cpu", seed=0,
-                              anchor_sigma=16.0 if m == "fast" else 0.0)
-            elif m == "auto":
-                out = denoise(raw, "auto", fast, device="cpu", seed=0)
-            elif m in ("fast16", "auto16"):  # the same frame as a 16-bit camera would give it
-                raw16 = to16(raw, np.random.default_rng(0))
-                out16 = denoise(raw16, "auto" if m == "auto16" else preset, fast, device="cpu", seed=0)
-                out = (out16.astype(np.float64) - OFFSET16) / SCALE16
-            else:
-                out = classical(m, raw)
-            dt = time.perf_counter() - t0
-            row = {"image": name, "method": m, "preset": preset, "psnr": psnr(out, gt),
-                   "ssim": ssim(out, gt), "seconds": dt}
+            runs = []
+            for seed in range(args.seeds if m in ("paper", "fast", "auto", "fast16", "auto16") else 1):
+                t0 = time.perf_counter()
+                out = run_method(m, raw, preset, fast, seed)
+                runs.append((psnr(out, gt), ssim(out, gt), time.perf_counter() - t0))
+            p, s, dt = (float(np.mean(v)) for v in zip(*runs))
+            row = {"image": name, "method": m, "preset": preset, "psnr": p, "ssim": s, "seconds": dt,
+                   "psnr_runs": [r[0] for r in runs]}
             rows.append(row)
-            cells.append(f"{row['psnr']:6.2f}/{dt:6.1f}s")
-        print(f"{name:24s} " + " ".join(f"{c:>15s}" for c in cells), flush=True)
+            spread = f"+-{(max(r[0] for r in runs) - min(r[0] for r in runs)) / 2:.2f}" if len(runs) > 1 else ""
+            cells.append(f"{p:6.2f}{spread}/{dt:5.1f}s")
+        print(f"{name:24s} " + " ".join(f"{c:>19s}" for c in cells), flush=True)
     print("\nmean PSNR / SSIM by group")
     groups = sorted({str(r["image"]).rsplit("_", 1)[0] if "_" in str(r["image"]) else "all" for r in rows})
     for m in methods:
