@@ -103,7 +103,7 @@ def run_mm_demo(out: Path, timepoints: int = 20, channels: Sequence[str] = ("GFP
     pipeline = Pipeline(PipelineConfig(channel_config(preset), threads=threads), [sink]).start()
     source = MMCoreSource(core, block=True)
     source.start(pipeline)
-    seq = useq.MDASequence(channels=list(channels),
+    seq = useq.MDASequence(channels=list(channels),  # type: ignore[arg-type]  # (strings are coerced)
                            time_plan={"interval": interval_s, "loops": timepoints})  # type: ignore[arg-type]
     t0 = time.perf_counter()
     core.mda.run(seq)

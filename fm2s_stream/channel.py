@@ -191,7 +191,7 @@ class ChannelModel:
             self._classical_history = False
         if self._inference_net is None:
             one = collapse_for_inference(self.net).to(self.inference_dtype)
-            self._inference_net = one.to(memory_format=torch.channels_last)
+            self._inference_net = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         with torch.inference_mode():
             x = prep.tensor.to(self.inference_dtype).contiguous(memory_format=torch.channels_last)
             out = self._inference_net(x)[0, 0].float().cpu().numpy()

@@ -139,7 +139,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from .adapters.files import FileSource, ImageFileError
     from .wire import encode
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.PUSH if args.socket == "push" else zmq.PUB)
     sock.setsockopt(zmq.LINGER, 5000)
     try:
@@ -175,7 +175,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     from .tiffsink import TiffSink
     from .wire import WireError, decode
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.PULL if args.socket == "pull" else zmq.SUB)
     if args.socket == "sub":
         sock.setsockopt(zmq.SUBSCRIBE, b"")

@@ -126,9 +126,9 @@ def run_demo(
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
                              bootstrap_steps=bootstrap_steps,
                              budget_ms=budget_ms, threads=threads, device=device, seed=seed,
-                             **({} if average_frames is None else {"average_frames": average_frames}))
+                             average_frames=ServiceOptions.average_frames if average_frames is None else average_frames)
     service = StreamService(options).start()
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
     pull.connect(pub)
     push = ctx.socket(zmq.PUSH)
@@ -170,7 +170,7 @@ def run_demo(
 
     lat = np.array([lat_of(received, sent, i) for i in sorted(received)])
     steady = [i for i in received if received[i][1]["fm2s"]["status"] == "denoised"]
-    rows = {"raw": [], "gauss1": [], "fm2s": []}
+    rows: dict[str, list[float]] = {"raw": [], "gauss1": [], "fm2s": []}
     for i in steady[-min(len(steady), 40):]:
         gt, raw = truth[i], frames[i][2]
         rows["raw"].append(psnr(raw, gt))

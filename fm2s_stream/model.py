@@ -26,6 +26,11 @@ class FM2SNet(nn.Module):
             nn.Conv2d(12, n_chan, 5, padding=2),
         )
 
+    def convs(self) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
+        """The three convolutions, in order."""
+        a, b, c = (m for m in self.body if isinstance(m, nn.Conv2d))
+        return a, b, c
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map an (N, n_chan, H, W) batch to an (N, n_chan, H, W) batch."""
         return self.body(x)

@@ -26,7 +26,7 @@ def new_network(n_chan: int, seed: int, device: torch.device) -> FM2SNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FM2SNet(n_chan)
-    return net.to(device).to(memory_format=torch.channels_last)
+    return net.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
 
 
 def denoise_unit(

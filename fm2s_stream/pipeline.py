@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,7 +73,7 @@ class Pipeline:
         self._worker = threading.Thread(target=self._run, name="fm2s-worker", daemon=True)
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
-        self.compute: Counter[str] = Counter()  # seconds spent in inference and in training
+        self.compute: defaultdict[str, float] = defaultdict(float)  # seconds in inference and in training
         self.rejects: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.started_at = 0.0
@@ -321,9 +321,7 @@ class Pipeline:
         c = s["counts"]
         assert isinstance(c, dict)
         p50, p99 = s["p50_ms"], s["p99_ms"]
-        chans = " ".join(
-            f"{n}:{m['steps']}{'' if m['ready'] else '*'}" for n, m in s["channels"].items()  # type: ignore[union-attr]
-        )
+        chans = " ".join(f"{n}:{m.steps}{'' if m.ready else '*'}" for n, m in list(self.models.items()))
         lat = f"p50 {p50:.0f} ms p99 {p99:.0f} ms" if p50 is not None else "p50 - p99 -"
         return (f"in {c.get('in', 0)} out {c.get('out', 0)} rej {c.get('rejected', 0)} "
                 f"{s['fps']:.1f} fps {lat} queue {s['queue']} steps [{chans}]")

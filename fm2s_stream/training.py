@@ -256,13 +256,15 @@ def collapse_for_inference(net: FM2SNet) -> FM2SNet:
     inference then costs the same for every n_chan.
     """
     one = FM2SNet(1).to(next(net.parameters()).device)
-    src, dst = net.body, one.body
+    src, dst = net.convs(), one.convs()
+    first_in, first_out, last_in, last_out = src[0].bias, dst[0].bias, src[2].bias, dst[2].bias
+    assert first_in is not None and first_out is not None and last_in is not None and last_out is not None
     with torch.no_grad():
         dst[0].weight.copy_(src[0].weight.sum(dim=1, keepdim=True))
-        dst[0].bias.copy_(src[0].bias)
-        dst[2].load_state_dict(src[2].state_dict())
-        dst[4].weight.copy_(src[4].weight.mean(dim=0, keepdim=True))
-        dst[4].bias.copy_(src[4].bias.mean().reshape(1))
+        first_out.copy_(first_in)
+        dst[1].load_state_dict(src[1].state_dict())
+        dst[2].weight.copy_(src[2].weight.mean(dim=0, keepdim=True))
+        last_out.copy_(last_in.mean().reshape(1))
     return one.eval()
 
 
@@ -274,7 +276,7 @@ def infer(net: FM2SNet, raw: torch.Tensor, tta: int = 1) -> torch.Tensor:
     (the network is not rotation-equivariant, so the views' errors partly cancel).
     """
     one = collapse_for_inference(net) if net.n_chan > 1 else net
-    one = one.to(memory_format=torch.channels_last)
+    one = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (missing from torch's stubs)
     x = raw.to(next(one.parameters()).device)
     out = torch.zeros_like(x)
     views = [(k, flip) for flip in (False, True) for k in range(4)][: max(1, tta)]

@@ -132,13 +132,13 @@ def header_of(frame: Frame, pixels: np.ndarray, extra: dict[str, Any] | None = N
 def encode(frame: Frame) -> list[Any]:
     """The 2-part message for a raw frame (header bytes, pixel buffer without a copy)."""
     px = np.ascontiguousarray(frame.pixels)
-    return [header_of(frame, px), memoryview(px).cast("B")]
+    return [header_of(frame, px), px.data.cast("B")]
 
 
 def encode_result(result: Result) -> list[Any]:
     """The 2-part message for a processed frame: the input header plus "fm2s" processing fields."""
     px = np.ascontiguousarray(result.pixels)
-    return [header_of(result.frame, px, {"fm2s": result.processing()}), memoryview(px).cast("B")]
+    return [header_of(result.frame, px, {"fm2s": result.processing()}), px.data.cast("B")]
 
 
 def pack_single(parts: list[Any]) -> bytes:
