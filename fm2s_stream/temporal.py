@@ -153,11 +153,13 @@ class TemporalAverage:
     def _learn_noise_model(self, diff: np.ndarray, state: _State, still: np.ndarray) -> None:
         """Refine the 3x3-mean noise model from frame-to-frame differences of pixels that did not change:
         a robust line through the median squared difference per intensity bin, averaged over frames."""
-        level = state.raw[::2, ::2][still[::2, ::2]]
+        step = max(1, int(np.sqrt(diff.size / 16384)))  # ~16k pixels are plenty for 8 bins
+        pick = still[::step, ::step]
+        level = state.raw[::step, ::step][pick]
         if level.size < 256:
             return
-        count = state.count[::2, ::2][still[::2, ::2]]
-        sq = (diff[::2, ::2][still[::2, ::2]] ** 2) / (1.0 + 1.0 / count)
+        count = state.count[::step, ::step][pick]
+        sq = (diff[::step, ::step][pick] ** 2) / (1.0 + 1.0 / count)
         edges = np.unique(np.quantile(level, np.linspace(0, 1, 9)))
         xs, ys = [], []
         for lo, hi in itertools.pairwise(edges):
@@ -209,7 +211,7 @@ class TemporalAverage:
             changed |= hit
             if quiet:  # a (nearly) static frame teaches what the noise looks like at this scale
                 self.spread[scale] = current if scale not in self.spread else 0.9 * spread + 0.1 * current
-        if fine < 0.05:
+        if fine < 0.05 and (self.frames < 16 or self.frames % 4 == 0):  # settles fast, then drifts slowly
             self._learn_noise_model(diff, state, ~changed)
         return separable_filter(changed.astype(np.float32), BOX3, BOX3) > 0, fine  # dilated by one pixel
 
