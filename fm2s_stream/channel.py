@@ -34,7 +34,7 @@ from .training import Trainer, as_batch, collapse_for_inference, make_target, ra
 
 STRUCTURE_FRACTION = 0.5
 
-__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "aligned_pair", "channel_config"]
+__all__ = ["ChannelConfig", "ChannelModel", "Prepared", "aligned_pair", "channel_config", "warm_up"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,14 @@ class ChannelConfig:
     max_positions: int = 32  # stage positions whose history (temporal pairs, averages) is kept
     auto_noise: bool = False  # calibrate noise parameters on the channel's frames (`--preset auto`)
     recalibrate_every: int = 100  # frames between re-estimates (smoothed) when auto_noise
+
+
+def warm_up() -> None:
+    """Pay the one-off costs of a process before the first frame does: torch's optimiser machinery
+    (its first Adam imports torch._dynamo, ~1.2 s) and the compiled kernels' cache loads."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    TemporalAverage(2).apply(np.full((16, 16), 100, np.uint16), np.full((16, 16), 100.0, np.float32))
+    estimate_noise_or_none(np.full((16, 16), 100, np.uint16))
 
 
 def channel_config(preset: str, **kw: object) -> ChannelConfig:

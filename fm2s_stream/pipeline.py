@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .channel import ChannelConfig, ChannelModel, Prepared
+from .channel import ChannelConfig, ChannelModel, Prepared, warm_up
 from .frame import Frame, FrameError, Result
 from .sinks import FrameSink, SinkRelay
 
@@ -30,6 +30,7 @@ __all__ = ["FrameSource", "Pipeline", "PipelineConfig"]
 
 log = logging.getLogger(__name__)
 PREVIEW_STARVATION_S = 0.2  # under backlog the preview still gets a frame at least this often
+COLD_START_BACKLOG = 4  # queued frames beyond which a cold start takes a step only every 4th frame
 
 
 class FrameSource(Protocol):
@@ -155,6 +156,10 @@ class Pipeline:
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
+        try:
+            warm_up()  # before the first frame, not on its latency
+        except Exception:  # only an optimisation: the first frame pays instead
+            log.exception("warm-up failed")
         # channels still in their cold start -> (model, its latest frame), most recently active last
         cold: dict[str, tuple[ChannelModel, Prepared]] = {}
         while True:
@@ -211,8 +216,12 @@ class Pipeline:
             model.remember(prep)
         except Exception:
             log.exception("temporal pairing failed for %r", frame.channel)
-        if not model.ready:  # a cold start always progresses, by at least one step per frame
-            self._learn(model, prep, frame.received + self.config.budget_ms / 1000, 10**9, at_least=1)
+        if not model.ready:
+            # a cold start progresses by at least one step per frame while the queue is short; under a
+            # longer backlog by one step every COLD_START_BACKLOG frames, so that it still finishes
+            # but its answers do not pile up seconds of latency
+            at_least = int(backlog < COLD_START_BACKLOG or model.frames_seen % COLD_START_BACKLOG == 0)
+            self._learn(model, prep, frame.received + self.config.budget_ms / 1000, 10**9, at_least=at_least)
         elif backlog == 0 and self._step_fits_budget():
             # a frame arriving mid-step waits at most one step: steps are only taken while
             # step + inference fits the budget, and they stop as soon as a frame waits
