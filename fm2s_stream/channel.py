@@ -69,10 +69,13 @@ class ChannelConfig:
 
 def warm_up() -> None:
     """Pay the one-off costs of a process before the first frame does: torch's optimiser machinery
-    (its first Adam imports torch._dynamo, ~1.2 s) and the compiled kernels' cache loads."""
+    (its first Adam imports torch._dynamo, ~1.2 s) and the compiled kernels (compiled on a machine's
+    first run, several seconds; loaded from numba's cache after that)."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    TemporalAverage(2).apply(np.full((16, 16), 100, np.uint16), np.full((16, 16), 100.0, np.float32))
-    estimate_noise_or_none(np.full((16, 16), 100, np.uint16))
+    for dtype in (np.uint8, np.uint16):
+        frame = np.full((16, 16), 100, dtype)
+        TemporalAverage(2).apply(frame, frame.astype(np.float32))
+        estimate_noise_or_none(frame)
 
 
 def channel_config(preset: str, **kw: object) -> ChannelConfig:

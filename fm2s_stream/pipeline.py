@@ -86,7 +86,11 @@ class Pipeline:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
-        """Open the sinks and start the worker."""
+        """Warm up (so the first frame does not pay one-off costs), open the sinks, start the worker."""
+        try:
+            warm_up()
+        except Exception:  # only an optimisation: the first frame pays instead
+            log.exception("warm-up failed")
         for relay in self.relays + self.preview_relays:
             relay.start()
         self.started_at = time.perf_counter()
@@ -156,10 +160,6 @@ class Pipeline:
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
-        try:
-            warm_up()  # before the first frame, not on its latency
-        except Exception:  # only an optimisation: the first frame pays instead
-            log.exception("warm-up failed")
         # channels still in their cold start -> (model, its latest frame), most recently active last
         cold: dict[str, tuple[ChannelModel, Prepared]] = {}
         while True:
