@@ -86,13 +86,17 @@ class Pipeline:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
-        """Warm up (so the first frame does not pay one-off costs), open the sinks, start the worker."""
+        """Open the sinks, warm up (so the first frame does not pay one-off costs), start the worker.
+
+        The sinks open first: receivers that connect to them while this warms up are connected by the
+        time the first result is published (a sink with no receiver does not wait for one).
+        """
+        for relay in self.relays + self.preview_relays:
+            relay.start()
         try:
             warm_up()
         except Exception:  # only an optimisation: the first frame pays instead
             log.exception("warm-up failed")
-        for relay in self.relays + self.preview_relays:
-            relay.start()
         self.started_at = time.perf_counter()
         self._running = True
         self._worker.start()
