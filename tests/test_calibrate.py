@@ -5,7 +5,14 @@ import pytest
 import tifffile
 
 from fm2s_stream import cli
-from fm2s_stream.calibrate import estimate_noise, fm2s_parameters, preset_variance
+from fm2s_stream.calibrate import (
+    _clipped_difference_variance,
+    _clipped_moments,
+    _robust_line,
+    estimate_noise,
+    fm2s_parameters,
+    preset_variance,
+)
 from fm2s_stream.presets import get_preset
 from fm2s_stream.scaling import scaling_for
 from fm2s_stream.synthetic import Camera, make_scene
@@ -33,9 +40,41 @@ def test_gain_within_ten_percent_over_the_whole_grid():
                                  correlation=corr)
                     frame = cam.expose(SCENE * (0.5 if bits == 8 else 1.0), np.random.default_rng(100))
                     errors[(bits, gain, read, corr)] = estimate_noise(frame).a / gain - 1
-    # the one documented exception: 8-bit, clipped at 0, correlated and read-noise dominated
-    assert abs(errors.pop((8, 0.5, 10.0, 0.7))) < 0.16
     assert max(abs(e) for e in errors.values()) < 0.10, {k: round(v, 3) for k, v in errors.items() if abs(v) >= 0.1}
+
+
+@pytest.mark.parametrize(("bits", "gain"), [(8, 0.5), (16, 2.0)])
+def test_read_noise_dominated_correlated_cameras_are_unbiased(bits, gain):
+    # one frame pins the gain only to +-6..11 % here (its variance spans 25..44 ADU^2): the mean over
+    # draws shows the bias. It was +16 % / +10 % while bright structured bins and the univariate
+    # clipping model pushed the slope up
+    cam = Camera(gain=gain, read_noise=10.0, offset=10.0 if bits == 8 else 100.0, bit_depth=bits, correlation=0.7)
+    scene = SCENE * (0.5 if bits == 8 else 1.0)
+    errors = [estimate_noise(cam.expose(scene, np.random.default_rng(100 + d))).a / gain - 1 for d in range(10)]
+    assert abs(np.mean(errors)) < 0.06, np.round(errors, 3)
+
+
+@pytest.mark.parametrize(("mu", "var", "rho"), [(1.0, 4.0, 0.6), (0.5, 1.0, 0.9), (10.0, 25.0, 0.58), (2.0, 1.0, 0.0)])
+def test_clipped_difference_variance_matches_sampling(mu, var, rho):
+    rng = np.random.default_rng(0)
+    z1 = rng.normal(size=2_000_000)
+    z2 = rho * z1 + np.sqrt(1 - rho * rho) * rng.normal(size=z1.size)
+    x1, x2 = (np.maximum(mu + np.sqrt(var) * z, 0.0) for z in (z1, z2))
+    sampled = np.mean((x1 - x2) ** 2) / (2 * (1 - rho))
+    predicted = _clipped_difference_variance(np.array([mu]), np.array([var]), rho)[0]
+    assert predicted == pytest.approx(sampled, rel=0.01)
+    if rho > 0:  # correlated neighbours clip together: their differences shrink less than the pixels' variance
+        assert predicted > _clipped_moments(np.array([mu]), np.array([var]))[1][0]
+
+
+def test_bins_above_the_line_are_dropped_from_the_fit():
+    x = np.linspace(10.0, 50.0, 12)
+    y = 0.5 * x + 20.0
+    y[-2:] *= [1.4, 1.9]  # bright structured bins: variance that is not noise
+    wt = np.full(x.size, 100.0)
+    a, b, use = _robust_line(x, y, wt, np.full(x.size, 0.2))
+    assert list(use) == [True] * 10 + [False, False]
+    assert a == pytest.approx(0.5, rel=1e-6) and b == pytest.approx(20.0, rel=1e-6)
 
 
 def test_frames_clipped_at_zero_are_fitted_through_the_clipping():
