@@ -196,7 +196,7 @@ def _robust_line(x: np.ndarray, y: np.ndarray, wt: np.ndarray, spread: np.ndarra
     bins (the noise's own) to find bins above the line by more than 3 errors, and the bin's own
     (never below the pooled) to weigh the fit, so a bin whose tiles scatter widely counts less.
     """
-    pooled = float(np.median(spread))
+    pooled = max(float(np.median(spread)), 1e-3)  # noise-free synthetic tiles scatter by nothing
     stderr = 1.2533 * pooled / np.sqrt(wt)
     weight = 1.0 / (1.2533 * np.maximum(spread, pooled) / np.sqrt(wt))
     use = np.ones(x.size, bool)
