@@ -48,6 +48,8 @@ __all__ = ["REFERENCE_RATIO", "NoiseEstimate", "auto_base", "auto_preset", "cali
            "estimate_noise_or_none", "fm2s_parameters", "tile_stats"]
 
 TILE = 8
+QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
+CLIP_SIGMAS = 3.0  # a bin whose mean is closer to 0 than this many noise std is affected by clipping
 # injected-to-real noise variance ratio of the paper presets on the 12 FMD dev images at their median
 # level, each image with its own preset (geometric mean per noise class, benchmarks/calibration.py):
 # white noise (confocal 1.0 and two-photon 2.55 images: the confocal base) and spatially correlated
@@ -183,10 +185,6 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
     return NoiseEstimate(a, float(b), rho, black, float(np.median(mean[ok])), int(m.size), clipped)
 
 
-QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
-CLIP_SIGMAS = 3.0  # a bin whose mean is closer to 0 than this many noise std is affected by clipping
-
-
 def _robust_line(x: np.ndarray, y: np.ndarray, wt: np.ndarray, spread: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Weighted line through the bins' noise variances, dropping bins that lie significantly above it.
 
@@ -200,7 +198,6 @@ def _robust_line(x: np.ndarray, y: np.ndarray, wt: np.ndarray, spread: np.ndarra
     stderr = 1.2533 * pooled / np.sqrt(wt)
     weight = 1.0 / (1.2533 * np.maximum(spread, pooled) / np.sqrt(wt))
     use = np.ones(x.size, bool)
-    a, b = 0.0, float(np.median(y))
     for _ in range(4):
         if use.sum() >= 2 and np.ptp(x[use]) > 0:
             a, b = np.polyfit(x[use], y[use], 1, w=weight[use] / np.maximum(y[use], 1e-12))
