@@ -77,8 +77,8 @@ def run(size: int, channels: int, finetune: bool, fps: float, n: int, device: st
     # warm-up: until every channel answers with its network (cold start done)
     end = time.monotonic() + 120
     while (time.monotonic() < end and not all(
-        m.ready for m in service.pipeline.models.values()
-    )) or len(service.pipeline.models) < channels:
+        m.ready for m in service.pipeline.channels.values()
+    )) or len(service.pipeline.channels) < channels:
         for c in range(channels):
             push.send_multipart(encode(Frame(distinct[c][fid % 6], channel=f"c{c}", frame_id=fid)), copy=False)
             fid += 1

@@ -43,7 +43,7 @@ def stream_field(raws: list[np.ndarray], preset: str, temporal: bool, threads: i
     with Pipeline(cfg, sinks=[sink]) as pipe:
         t0 = time.perf_counter()
         pipe.submit(Frame(raws[0], channel=preset, t=0, frame_id=0))
-        while not (pipe.models.get(preset) and pipe.models[preset].ready):
+        while not (pipe.channels.get(preset) and pipe.channels[preset].ready):
             time.sleep(0.01)
         out["cold_start_s"] = time.perf_counter() - t0
         c0 = dict(pipe.compute)

@@ -6,37 +6,40 @@ fine-tuning on a static field), and a median-like target biases dim regions. Add
 low-pass (Gaussian, `sigma` pixels) of raw - denoised makes every region larger than ~2 sigma carry
 exactly the raw frame's mean, which is an unbiased estimate of the true one; the raw noise that
 comes back with it is tiny (its standard deviation shrinks by ~1 / (2 sqrt(pi) sigma), 0.02x at 16).
-For speed the low-pass runs on a block-averaged copy and is interpolated back.
+For speed the low-pass runs on a block-averaged copy and is interpolated back. Torch tensors on
+any device; numpy arrays (the offline path) go through the same code on the CPU.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
+
+from .ops import gaussian
 
 __all__ = ["anchor", "low_pass"]
 
 
-def low_pass(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian low-pass of a 2D float image, computed at reduced resolution (same shape out)."""
+def low_pass(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian low-pass of a 2D float tensor, computed at reduced resolution (same shape out)."""
     h, w = image.shape
     f = max(1, int(sigma // 4))
     if f == 1:
-        return ndimage.gaussian_filter(image, sigma, mode="reflect")
+        return gaussian(image, sigma)
+    x = image.float()[None, None]
     ph, pw = -h % f, -w % f
-    padded = np.pad(image, ((0, ph), (0, pw)), mode="edge") if ph or pw else image
-    small = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f).mean(axis=(1, 3))
-    small = ndimage.gaussian_filter(small.astype(np.float32), sigma / f, mode="reflect")
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    small = gaussian(F.avg_pool2d(x, f)[0, 0].contiguous(), sigma / f)
     # bilinear with half-pixel centres: block i's mean sits at full-resolution (i + 0.5) f - 0.5
-    up = torch.nn.functional.interpolate(torch.from_numpy(small)[None, None], scale_factor=f, mode="bilinear",
-                                         align_corners=False)[0, 0, :h, :w]
-    return up.numpy().astype(image.dtype, copy=False)
+    up = F.interpolate(small[None, None], scale_factor=f, mode="bilinear", align_corners=False)
+    return up[0, 0, :h, :w]
 
 
-def anchor(denoised: np.ndarray, raw: np.ndarray, sigma: float) -> np.ndarray:
+def anchor(denoised: torch.Tensor | np.ndarray, raw: torch.Tensor | np.ndarray, sigma: float) -> torch.Tensor:
     """`denoised` (float camera units) with the low frequencies of `raw` (sigma <= 0: unchanged)."""
+    out = torch.as_tensor(denoised).float()
     if sigma <= 0:
-        return denoised
-    out = denoised.astype(np.float32, copy=False)
-    return out + low_pass(raw.astype(np.float32) - out, sigma)
+        return out
+    return out + low_pass(torch.as_tensor(raw).float() - out, sigma)

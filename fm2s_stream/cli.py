@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -17,18 +16,15 @@ __all__ = ["main"]
 log = logging.getLogger("fm2s_stream")
 
 
-def _default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .pipeline import default_threads
     from .presets import preset_names
 
     p.add_argument("--preset", default="auto", choices=["auto", *preset_names()],
                    help="auto (default): noise calibrated on the data itself; or a paper preset")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=_default_threads(), help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=default_threads(), help="torch CPU threads")
 
 
 # -- denoise -------------------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         save=Path(args.save) if args.save else None, save_kind=args.save_kind, roll_every=args.roll_every,
         pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal, average_frames=args.average,
-        bootstrap_steps=args.bootstrap_steps,
+        cold_start_steps=args.cold_start_steps, cold_start=args.cold_start,
         allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
         curve=Path(args.curve) if args.curve else None,
     )
@@ -255,7 +251,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    from .channel import ChannelConfig
     from .training import SCHEDULES
 
     ap = argparse.ArgumentParser(prog="fm2s-stream", description="Real-time zero-shot FM2S denoising.")
@@ -270,20 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_denoise)
 
-    p = sub.add_parser("serve", help="denoise a ZMQ frame stream until interrupted")
-    p.add_argument("--source", default="tcp://127.0.0.1:5555")
-    p.add_argument("--source-type", default="pull", choices=["pull", "sub"])
-    p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="PUSH endpoint ('' for none)")
-    p.add_argument("--preview", default=None, help="PUB endpoint for the lossy live preview")
+    from .service import ServiceOptions
+
+    d = ServiceOptions()  # serve's defaults are ServiceOptions' (which reads the pipeline's and channel's)
+    p = sub.add_parser("serve", help="denoise a ZMQ frame stream until interrupted",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default=d.source)
+    p.add_argument("--source-type", default=d.source_type, choices=["pull", "sub"])
+    p.add_argument("--publish", default=d.publish, help="PUSH endpoint ('' for none)")
+    p.add_argument("--preview", default=d.preview, help="PUB endpoint for the lossy live preview")
     p.add_argument("--save", default=None, help="directory for OME-TIFF files")
-    p.add_argument("--save-kind", default="denoised", choices=["denoised", "raw", "both"])
-    p.add_argument("--roll-every", type=int, default=10_000, help="frames per file")
+    p.add_argument("--save-kind", default=d.save_kind, choices=["denoised", "raw", "both"])
+    p.add_argument("--roll-every", type=int, default=d.roll_every, help="frames per file")
     p.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (OME metadata)")
-    p.add_argument("--budget-ms", type=float, default=50.0, help="latency budget per frame")
+    p.add_argument("--budget-ms", type=float, default=d.budget_ms, help="latency budget per frame")
+    p.add_argument("--cold-start", default=d.cold_start, choices=["classical", "wait"],
+                   help="while a new channel's network trains: answer with a Gaussian pre-denoiser "
+                        "(classical) or hold its frames until the network answers (wait)")
     p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
-    p.add_argument("--bootstrap-steps", type=int, default=905,
-                   help="training steps of a channel's cold start (classical pre-denoiser meanwhile)")
-    p.add_argument("--average", type=int, default=ChannelConfig.average_frames, metavar="N",
+    p.add_argument("--cold-start-steps", "--bootstrap-steps", dest="cold_start_steps", type=int,
+                   default=d.cold_start_steps, help="training steps of a channel's cold start")
+    p.add_argument("--average", type=int, default=d.average_frames, metavar="N",
                    help="average what did not change over up to N outputs, after registering the stage "
                         "drift (restarts where the sample changes); 1 = off, e.g. for fast calcium transients")
     p.add_argument("--bind", default=None, help="host other than 127.0.0.1 to accept (warned about)")

@@ -24,6 +24,7 @@ import numpy as np
 __all__ = ["add_demo_parser", "run_demo"]
 
 CHANNELS = ("GFP", "mCherry")
+DEMO_COLD_START_STEPS = 300  # shorter than serve's so a 30 s demo shows the network
 
 
 def free_port() -> int:
@@ -93,15 +94,17 @@ def run_demo(
     fps: float = 20.0,
     size: int = 512,
     preset: str = "auto",
-    budget_ms: float = 50.0,
-    threads: int = 2,
+    budget_ms: float | None = None,
+    threads: int | None = None,
     device: str = "auto",
     seed: int = 0,
     say: Callable[[str], None] = print,
-    bootstrap_steps: int = 300,
+    cold_start_steps: int = DEMO_COLD_START_STEPS,
     average_frames: int | None = None,
 ) -> dict[str, Any]:
-    """Run the demo and return its report (also written to report.json in the run directory)."""
+    """Run the demo and return its report (also written to report.json in the run directory).
+
+    None means serve's default (`ServiceOptions`)."""
     import zmq
     from PIL import Image
     from scipy import ndimage
@@ -124,9 +127,13 @@ def run_demo(
         truth[i] = gt
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
-                             bootstrap_steps=bootstrap_steps,
-                             budget_ms=budget_ms, threads=threads, device=device, seed=seed,
-                             average_frames=ServiceOptions.average_frames if average_frames is None else average_frames)
+                             cold_start_steps=cold_start_steps, device=device, seed=seed)
+    if budget_ms is not None:
+        options.budget_ms = budget_ms
+    if threads is not None:
+        options.threads = threads
+    if average_frames is not None:
+        options.average_frames = average_frames
     service = StreamService(options).start()
     ctx: zmq.Context = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
@@ -225,24 +232,27 @@ def format_summary(s: dict[str, Any], run: Path) -> str:
 
 def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register the `demo` sub-command."""
-    from .channel import ChannelConfig
+    from .service import ServiceOptions
 
-    p = sub.add_parser("demo", help="synthetic 2-channel camera -> ZMQ -> fm2s -> ZMQ + OME-TIFF")
+    d = ServiceOptions()
+    p = sub.add_parser("demo", help="synthetic 2-channel camera -> ZMQ -> fm2s -> ZMQ + OME-TIFF",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--bootstrap-steps", type=int, default=300,
-                   help="cold-start steps per channel (serve: 905; shorter so the demo shows the network)")
+    p.add_argument("--cold-start-steps", "--bootstrap-steps", dest="cold_start_steps", type=int,
+                   default=DEMO_COLD_START_STEPS,
+                   help=f"cold-start steps per channel (serve: {d.cold_start_steps}; shorter so the demo "
+                        "shows the network)")
     p.add_argument("--fps", type=float, default=20.0, help="camera frames per second (channels alternate)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
-    p.add_argument("--budget-ms", type=float, default=50.0)
-    p.add_argument("--average", type=int, default=ChannelConfig.average_frames, metavar="N",
-                   help="as for serve; 1 = off")
+    p.add_argument("--budget-ms", type=float, default=d.budget_ms)
+    p.add_argument("--average", type=int, default=d.average_frames, metavar="N", help="as for serve; 1 = off")
     add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), args.seconds, args.fps, args.size, args.preset, args.budget_ms,
                  args.threads, args.device, args.seed, say=lambda m: print(m, file=sys.stdout, flush=True),
-                 bootstrap_steps=args.bootstrap_steps, average_frames=args.average)
+                 cold_start_steps=args.cold_start_steps, average_frames=args.average)
         return 0
 
     p.set_defaults(func=run)

@@ -78,7 +78,7 @@ def play(frames: Sequence[np.ndarray], config: PipelineConfig, fps: float, chann
     with Pipeline(config, sinks=[sink]) as pipe:
         pipe.submit(Frame(frames[0], channel=channel, t=0, frame_id=0))
         end = time.monotonic() + timeout
-        while not (channel in pipe.models and pipe.models[channel].ready):
+        while not (channel in pipe.channels and pipe.channels[channel].ready):
             if time.monotonic() > end:
                 raise TimeoutError("cold start did not finish")
             time.sleep(0.01)

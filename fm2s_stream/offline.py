@@ -37,7 +37,7 @@ def denoise_unit(
     seed: int = 0,
 ) -> tuple[np.ndarray, TrainReport]:
     """Train a fresh network on a [0, 1] float frame and return its denoised version."""
-    target = make_target(unit, preset, schedule.target)
+    target = make_target(unit, preset, schedule.target).numpy()
     raw_t, tgt_t = as_batch(unit, device), as_batch(target, device)
     net = new_network(preset.n_chan, seed, device)
     report = Trainer(net, preset, device, seed=seed).fit(raw_t, tgt_t, schedule)
@@ -84,7 +84,7 @@ def denoise(
     p = _preset(preset, frame)
     unit = to_unit(frame, scaling)
     out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed)
-    return from_unit(anchor(out, unit, anchor_sigma), scaling, frame.dtype)
+    return from_unit(anchor(out, unit, anchor_sigma).numpy(), scaling, frame.dtype)
 
 
 def denoise_stack(
@@ -127,10 +127,10 @@ def denoise_stack(
             plan = sched
         else:
             plan = replace(scaled(sched, WARM_FRACTION), stage1_steps=0)
-        target = as_batch(make_target(unit, p, sched.target), dev)
+        target = as_batch(make_target(unit, p, sched.target).numpy(), dev)
         trainer.fit(raw_t, target, plan)
         den = infer(trainer.net, raw_t, sched.tta)[0, 0].float().cpu().numpy()
-        out[index] = from_unit(anchor(den, unit, anchor_sigma), scaling, plane.dtype)
+        out[index] = from_unit(anchor(den, unit, anchor_sigma).numpy(), scaling, plane.dtype)
         if progress is not None:
             progress(i + 1, len(planes))
     return out

@@ -1,36 +1,43 @@
-"""The streaming pipeline: bounded queue -> worker (per-channel models, latency policy) -> sinks.
+"""The streaming pipeline: bounded queue -> worker (per-channel state, latency policy) -> sinks.
 
-Sources call `submit` and nothing else. The worker publishes first and learns after: it runs
-inference, hands the result to the sinks, then spends what is left of the latency budget on
-fine-tune steps, stopping as soon as another frame waits. Under backlog it cuts fine-tuning first,
-then runs inference only; the preview (lossy) sinks get only the newest frame. Lossless sinks
+Sources call `submit` and nothing else. The worker publishes first and learns after: it answers a
+frame (`Channel.answer`), hands the result to the sinks, then learns as the `LatencyPolicy` allows,
+stopping as soon as another frame waits (a cold start always gets its guaranteed share). Idle time
+goes to unfinished cold starts. The preview (lossy) sinks get only the newest frame. Lossless sinks
 never drop: a full queue makes `submit` wait (backpressure); under a sustained backlog the preview
-still gets a frame every PREVIEW_STARVATION_S. Every frame ends in exactly one of
-the counters `denoised`, `bootstrap`, `raw` (passed through with a reason) or `rejected`.
+still gets a frame every PREVIEW_STARVATION_S. Every frame ends in exactly one of the counters
+`denoised`, `bootstrap`, `raw` (passed through with a reason) or `rejected`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from .channel import ChannelConfig, ChannelModel, Prepared, warm_up
+from .channel import Channel, ChannelConfig, Prepared, warm_up
 from .frame import Frame, FrameError, Result
+from .policy import LatencyPolicy, Plan
 from .sinks import FrameSink, SinkRelay
 
-__all__ = ["FrameSource", "Pipeline", "PipelineConfig"]
+__all__ = ["FrameSource", "Pipeline", "PipelineConfig", "default_threads"]
 
 log = logging.getLogger(__name__)
 PREVIEW_STARVATION_S = 0.2  # under backlog the preview still gets a frame at least this often
-COLD_START_BACKLOG = 4  # queued frames beyond which a cold start takes a step only every 4th frame
+FPS_WINDOW = 100  # frames over which the streaming rate is measured
+
+
+def default_threads() -> int:
+    """torch CPU threads for the worker: min(4, cores)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 class FrameSource(Protocol):
@@ -51,7 +58,7 @@ class PipelineConfig:
     budget_ms: float = 50.0
     queue_size: int = 64
     max_finetune_steps: int = 8
-    threads: int = 2
+    threads: int = field(default_factory=default_threads)
     init_from_first_channel: bool = False
     cold_start: str = "classical"  # "classical": answer with the pre-denoiser meanwhile; "wait": train first
 
@@ -67,7 +74,7 @@ class Pipeline:
         relay_capacity: int = 256,
     ) -> None:
         self.config = config
-        self.models: dict[str, ChannelModel] = {}
+        self.channels: dict[str, Channel] = {}
         self.relays = [SinkRelay(s, relay_capacity, lossless=True) for s in sinks or []]
         self.preview_relays = [SinkRelay(s, 2, lossless=False) for s in previews or []]
         self._queue: queue.Queue[Frame | None] = queue.Queue(maxsize=config.queue_size)
@@ -79,8 +86,8 @@ class Pipeline:
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.started_at = 0.0
         self._running = False
-        self._infer_ema = 0.0  # seconds, smoothed: what one inference costs
-        self._step_ema = 0.0  # seconds, smoothed: what one fine-tune step costs
+        self.policy = LatencyPolicy(config.budget_ms, config.max_finetune_steps)
+        self._out_times: deque[float] = deque(maxlen=FPS_WINDOW)  # when the last results were emitted
         self.max_frame_bytes = 0
         self._last_preview = 0.0
 
@@ -152,29 +159,30 @@ class Pipeline:
         return self._queue.qsize()
 
     # -- worker ------------------------------------------------------------------------------------
-    def model_for(self, channel: str, first_frame: np.ndarray | None = None) -> ChannelModel:
-        """The channel's model, created on first use (optionally from the first channel's weights)."""
-        model = self.models.get(channel)
-        if model is None:
-            donor = next(iter(self.models.values()), None) if self.config.init_from_first_channel else None
-            model = ChannelModel(channel, self.config.channel, init_from=donor, first_frame=first_frame)
-            self.models[channel] = model
-            log.info("new channel %r (%s)", channel, "warm from " + donor.name if donor else "cold start")
-        return model
+    def channel_for(self, name: str, first_frame: np.ndarray | None = None) -> Channel:
+        """The channel's state, created on first use (optionally warm from the first channel's network)."""
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = Channel(name, self.config.channel, first_frame=first_frame)
+            donor = next(iter(self.channels.values()), None) if self.config.init_from_first_channel else None
+            warm = donor is not None and channel.learner.warm_from(donor.learner)
+            self.channels[name] = channel
+            log.info("new channel %r (%s)", name, f"warm from {donor.name}" if warm and donor else "cold start")
+        return channel
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
-        # channels still in their cold start -> (model, its latest frame), most recently active last
-        cold: dict[str, tuple[ChannelModel, Prepared]] = {}
+        # channels still in their cold start -> (channel, its latest frame), most recently active last
+        cold: dict[str, tuple[Channel, Prepared]] = {}
         while True:
             try:
                 frame = self._queue.get(timeout=0.01 if cold else 0.2)
             except queue.Empty:
                 if cold:  # idle: finish cold starts, the most recently active channel first
                     name = next(reversed(cold))
-                    model, prep = cold[name]
-                    self._learn(model, prep, deadline=None, max_steps=10**9, until_ready=True)
-                    if model.ready:
+                    channel, prep = cold[name]
+                    self._learn(channel, prep, Plan(max_steps=10**9), until_ready=True)
+                    if channel.ready:
                         del cold[name]
                 continue
             if frame is None:
@@ -186,60 +194,58 @@ class Pipeline:
                     cold[done[0].name] = done
         log.debug("worker drained")
 
-    def _process(self, frame: Frame) -> tuple[ChannelModel, Prepared] | None:
+    def _answer(self, frame: Frame) -> tuple[Result, Channel | None, Prepared | None]:
+        """Answer one frame; any failure passes it raw with the reason (the stream never stops)."""
         backlog = self._queue.qsize()
-        model: ChannelModel | None = None
+        channel: Channel | None = None
         prep = None
+        t0 = time.perf_counter()
         try:
-            model = self.model_for(frame.channel, frame.pixels)
-            t0 = time.perf_counter()
-            prep = model.prepare(frame.pixels, (frame.p, frame.z))
-            if not model.ready and self.config.cold_start == "wait":
-                while not model.ready:
-                    model.train_step(prep)
-            pixels, status = model.infer(prep)
-            elapsed = time.perf_counter() - t0
-            self.compute["infer_s"] += elapsed
-            if status == "denoised":
-                self._infer_ema = elapsed if self._infer_ema == 0 else 0.9 * self._infer_ema + 0.1 * elapsed
+            channel = self.channel_for(frame.channel, frame.pixels)
+            prep = channel.prepare(frame.pixels, (frame.p, frame.z))
+            if not channel.ready and self.config.cold_start == "wait":
+                channel.remember(prep)
+                while not channel.ready:
+                    channel.learn_step(prep)
+            pixels, status = channel.answer(prep)
             reason = None
         except Exception as exc:  # a broken frame or model must not stop the stream
             log.exception("denoising frame %s of %r failed; passing it raw", frame.frame_id, frame.channel)
-            if model is not None:
-                model.restore()
+            if channel is not None:
+                channel.restore()
             pixels, status, reason = np.array(frame.pixels, copy=True), "raw", f"{type(exc).__name__}: {exc}"
+        elapsed = time.perf_counter() - t0
+        self.compute["infer_s"] += elapsed
+        if status == "denoised":
+            self.policy.answered(elapsed)
         latency = (time.perf_counter() - frame.received) * 1000
         degraded = status != "denoised" or backlog > 0
         averaged = prep.averaged if prep is not None and status == "denoised" else 1.0
-        result = Result(frame, pixels, status, degraded, model.steps if model else 0, latency, reason, averaged)
+        steps = channel.steps if channel else 0
+        return Result(frame, pixels, status, degraded, steps, latency, reason, averaged), channel, prep
+
+    def _process(self, frame: Frame) -> tuple[Channel, Prepared] | None:
+        t0 = time.perf_counter()
+        result, channel, prep = self._answer(frame)
+        answer_s = time.perf_counter() - t0
+        backlog = self._queue.qsize()
         self._emit(result, newest=backlog == 0)
-        if model is None or prep is None or status == "raw":
+        if channel is None or prep is None or result.status == "raw":
             return None
-        # learn after: fine-tune within the budget, only while no other frame waits
-        try:
-            model.remember(prep)
+        try:  # learn after: as the latency policy allows
+            channel.remember(prep)
+            plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s)
+            if plan.skipped:
+                with self._lock:
+                    self.counts["finetune_skipped"] += 1
+            elif plan.max_steps:
+                self._learn(channel, prep, plan)
+            if channel.maintain(prep):
+                with self._lock:
+                    self.counts["recalibrations"] += 1
         except Exception:
-            log.exception("temporal pairing failed for %r", frame.channel)
-        if not model.ready:
-            # a cold start progresses by at least one step per frame while the queue is short; under a
-            # longer backlog by one step every COLD_START_BACKLOG frames, so that it still finishes
-            # but its answers do not pile up seconds of latency
-            at_least = int(backlog < COLD_START_BACKLOG or model.frames_seen % COLD_START_BACKLOG == 0)
-            self._learn(model, prep, frame.received + self.config.budget_ms / 1000, 10**9, at_least=at_least)
-        elif backlog == 0 and self._step_fits_budget():
-            # a frame arriving mid-step waits at most one step: steps are only taken while
-            # step + inference fits the budget, and they stop as soon as a frame waits
-            self._learn(model, prep, None, self.config.max_finetune_steps)
-        elif backlog == 0:
-            # over budget: skip, but let the estimate decay so that one-off costs (kernel set-up,
-            # a busy moment) do not switch fine-tuning off for good; the next step re-measures it
-            self._step_ema *= 0.9
-            with self._lock:
-                self.counts["finetune_skipped"] += 1
-        else:
-            with self._lock:
-                self.counts["finetune_skipped"] += 1
-        return model, prep
+            log.exception("learning after frame %s of %r failed", frame.frame_id, frame.channel)
+        return channel, prep
 
     def buffered_bytes_bound(self, frame_bytes: int | None = None) -> int:
         """Most bytes of frame data this pipeline can hold at once: the queue, one frame in work,
@@ -251,38 +257,33 @@ class Pipeline:
 
     def sustainable_fps(self) -> float | None:
         """Frames per second at which every frame gets its full fine-tune (None until measured)."""
-        if not self._infer_ema or not self._step_ema:
-            return None
-        return 1.0 / (self._infer_ema + self.config.max_finetune_steps * self._step_ema)
+        return self.policy.sustainable_fps()
 
-    def _step_fits_budget(self) -> bool:
-        """True while one fine-tune step plus one inference fits the latency budget."""
-        return (self._step_ema + self._infer_ema) * 1000 <= self.config.budget_ms
-
-    def _learn(
-        self, model: ChannelModel, prep: Prepared, deadline: float | None, max_steps: int, at_least: int = 0,
-        until_ready: bool = False,
-    ) -> None:
-        """Train while no frame waits, until `deadline` or `max_steps` (but at least `at_least` steps);
-        with `until_ready`, stop as soon as the cold start is over."""
+    def _learn(self, channel: Channel, prep: Prepared, plan: Plan, until_ready: bool = False) -> None:
+        """Train by `plan`: until its deadline, its step count or a waiting frame, but at least its
+        guaranteed seconds; with `until_ready`, stop as soon as the cold start is over."""
         steps, t0 = 0, time.perf_counter()
-        while steps < max_steps and not (until_ready and model.ready):
-            if steps >= at_least and (
-                not self._queue.empty() or (deadline is not None and time.perf_counter() > deadline)
+        guaranteed = t0 + plan.at_least_s
+        while steps < plan.max_steps and not (until_ready and channel.ready):
+            now = time.perf_counter()
+            if steps > 0 and now >= guaranteed and (
+                not self._queue.empty() or (plan.deadline is not None and now > plan.deadline)
             ):
                 break
-            t_step = time.perf_counter()
+            if steps == 0 and plan.at_least_s == 0 and not self._queue.empty():
+                break
+            was_ready = channel.ready
             try:
-                model.train_step(prep)
+                channel.learn_step(prep)
             except Exception:
-                log.exception("training step failed on channel %r; restored last good state", model.name)
+                log.exception("training step failed on channel %r; restored last good state", channel.name)
+                channel.restore()
                 with self._lock:
                     self.counts["train_failures"] += 1
-                return
+                break
             steps += 1
-            if model.ready:
-                dt = time.perf_counter() - t_step
-                self._step_ema = dt if self._step_ema == 0 else 0.9 * self._step_ema + 0.1 * dt
+            if was_ready:
+                self.policy.stepped(time.perf_counter() - now)
         with self._lock:
             self.counts["train_steps"] += steps
             self.compute["train_s"] += time.perf_counter() - t0
@@ -294,6 +295,7 @@ class Pipeline:
             if result.degraded:
                 self.counts["degraded"] += 1
             self.latencies.append(result.latency_ms)
+            self._out_times.append(time.perf_counter())
         for relay in self.relays:
             while not relay.put(result, timeout=1.0):
                 log.warning("sink %s is full; waiting (backpressure)", relay.sink.name)
@@ -314,17 +316,19 @@ class Pipeline:
             lat = np.asarray(self.latencies, dtype=np.float64)
             counts = dict(self.counts)
             rejects = dict(self.rejects)
-        elapsed = max(time.perf_counter() - self.started_at, 1e-9) if self.started_at else 0.0
+            times = list(self._out_times)
+        # the rate over the last FPS_WINDOW results, not the process lifetime (which counts start-up and idle time)
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
         return {
             "counts": counts,
             "rejects": rejects,
             "compute_s": dict(self.compute),
-            "fps": counts.get("out", 0) / elapsed if elapsed else 0.0,
+            "fps": fps,
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
             "queue": self.depth,
             "sustainable_fps": self.sustainable_fps(),
-            "channels": {name: m.stats() for name, m in self.models.items()},
+            "channels": {name: c.stats() for name, c in self.channels.items()},
             "sinks": {r.sink.name: r.stats() for r in self.relays + self.preview_relays},
         }
 
@@ -334,7 +338,7 @@ class Pipeline:
         c = s["counts"]
         assert isinstance(c, dict)
         p50, p99 = s["p50_ms"], s["p99_ms"]
-        chans = " ".join(f"{n}:{m.steps}{'' if m.ready else '*'}" for n, m in list(self.models.items()))
+        chans = " ".join(f"{n}:{c.steps}{'' if c.ready else '*'}" for n, c in list(self.channels.items()))
         lat = f"p50 {p50:.0f} ms p99 {p99:.0f} ms" if p50 is not None else "p50 - p99 -"
         return (f"in {c.get('in', 0)} out {c.get('out', 0)} rej {c.get('rejected', 0)} "
                 f"{s['fps']:.1f} fps {lat} queue {s['queue']} steps [{chans}]")

@@ -1,180 +1,129 @@
-"""Global translation between two frames of one stage position, to a fraction of a pixel.
+"""Global translation between two frames of one stage position, to a fraction of a pixel (torch, any device).
 
 Convention everywhere: a shift (dy, dx) means cur[y, x] ~ ref[y - dy, x - dx] (the scene moved by
 +dy, +dx). `register_shift` finds the integer shift by phase correlation; `refine_shift` picks the
 best integer shift around it; `subpixel_shift` refines it to ~0.05 px with Lucas-Kanade steps on
 half-resolution, blurred copies (65k equations for two unknowns at 512x512, so noise averages out).
-`shift_fraction` moves an image by less than a pixel with a separable Lanczos-3 kernel: sharp
-(half the error of bilinear interpolation on PSF-limited detail) and cheap (two 7-tap passes).
+Frames larger than WORK_SIDE are block-averaged down to it first: a 2048x2048 frame is registered
+as 1024x1024 2x2 block means (still ~65k equations at half of that), so its cost stays that of 1024x1024.
+Sub-pixel moves themselves are `ops.shift_fraction` (Lanczos-3).
 """
 
 from __future__ import annotations
 
-import numba
-import numpy as np
-from scipy import ndimage
+import torch
 
-__all__ = ["halve", "overlap", "refine_shift", "register_shift", "separable_filter", "shift_fraction",
-           "subpixel_shift"]
+from .ops import GAUSS1, gaussian, halve, overlap, separable, shift_fraction
 
+__all__ = ["WORK_SIDE", "refine_shift", "register_shift", "subpixel_shift"]
 
-def halve(a: np.ndarray) -> np.ndarray:
-    """2x2 block mean (odd last row/column dropped), float32."""
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    a = np.asarray(a, np.float32)
-    return (a[0:h:2, 0:w:2] + a[1:h:2, 0:w:2] + a[0:h:2, 1:w:2] + a[1:h:2, 1:w:2]) * np.float32(0.25)
+WORK_SIDE = 1024  # frames are block-averaged until their shorter side is at most this before registration
 
 
-def register_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+def register_shift(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     """Integer (dy, dx) such that a[y, x] ~ b[y - dy, x - dx], by phase correlation."""
-    fa, fb = np.fft.rfft2(a - a.mean()), np.fft.rfft2(b - b.mean())
-    cross = fa * np.conj(fb)
-    cross /= np.abs(cross) + 1e-12
-    corr = np.fft.irfft2(cross, s=a.shape)
-    dy, dx = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    fa, fb = torch.fft.rfft2(a - a.mean()), torch.fft.rfft2(b - b.mean())
+    cross = fa * torch.conj(fb)
+    cross = cross / (cross.abs() + 1e-12)
+    corr = torch.fft.irfft2(cross, s=a.shape)
     h, w = a.shape
-    return (int(dy) - h if dy > h // 2 else int(dy), int(dx) - w if dx > w // 2 else int(dx))
+    k = int(torch.argmax(corr))
+    dy, dx = k // w, k % w
+    return (dy - h if dy > h // 2 else dy, dx - w if dx > w // 2 else dx)
 
 
-def overlap(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Index windows (in cur, in ref) where cur[y, x] ~ ref[y - dy, x - dx]."""
-    cur = (slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx)))
-    ref = (slice(max(0, -dy), h + min(0, -dy)), slice(max(0, -dx), w + min(0, -dx)))
-    return cur, ref
-
-
-def refine_shift(cur: np.ndarray, prev: np.ndarray, dy: int, dx: int) -> tuple[int, int]:
+def refine_shift(cur: torch.Tensor, prev: torch.Tensor, dy: int, dx: int) -> tuple[int, int]:
     """The best integer shift within +-1 pixel of (dy, dx), by the blurred frames' squared difference."""
     h, w = cur.shape
-    a, b = ndimage.gaussian_filter(cur, 1.0), ndimage.gaussian_filter(prev, 1.0)
-    best, best_err = (dy, dx), np.inf
+    a, b = gaussian(cur, 1.0), gaussian(prev, 1.0)
+    best, best_err = (dy, dx), float("inf")
     for ey in (-1, 0, 1):
         for ex in (-1, 0, 1):
             (ya, xa), (yb, xb) = overlap(h, w, dy + ey, dx + ex)
-            err = float(np.mean((a[ya, xa] - b[yb, xb]) ** 2)) if a[ya, xa].size else np.inf
+            if a[ya, xa].numel() == 0:
+                continue
+            err = float(((a[ya, xa] - b[yb, xb]) ** 2).mean())
             if err < best_err:
                 best, best_err = (dy + ey, dx + ex), err
     return best
 
 
-def _fraction_kernel(f: float) -> np.ndarray:
-    """7 taps (offsets -3..3) that sample a line at i - f, for |f| <= 0.5: Lanczos-3, normalised."""
-    offsets = np.arange(-3, 4, dtype=np.float64) + f
-    k = np.sinc(offsets) * np.sinc(offsets / 3)
-    k[np.abs(offsets) >= 3] = 0
-    return (k / k.sum()).astype(np.float32)
+def _gradient(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Central differences inside, one-sided at the edges (numpy.gradient's rule)."""
+    return torch.gradient(a, dim=dim)[0]
 
 
-@numba.njit(parallel=True, cache=True)
-def _separable(img: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Correlate rows with kx, then columns with ky (odd lengths), edges repeated."""
-    h, w = img.shape
-    ry, rx = len(ky) // 2, len(kx) // 2
-    tmp = np.empty((h, w), np.float32)
-    for i in numba.prange(h):
-        for j in range(w):
-            s = 0.0
-            for k in range(len(kx)):
-                jj = min(max(j + k - rx, 0), w - 1)
-                s += kx[k] * img[i, jj]
-            tmp[i, j] = s
-    out = np.empty((h, w), np.float32)
-    for i in numba.prange(h):
-        for j in range(w):
-            out[i, j] = 0.0
-        for k in range(len(ky)):
-            ii = min(max(i + k - ry, 0), h - 1)
-            for j in range(w):
-                out[i, j] += ky[k] * tmp[ii, j]
-    return out
+def _lucas_kanade(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | None:
+    """Robust least-squares (ey, ex) with a[y] ~ b[y - e] for small e; None if the frames have no texture.
 
-
-def separable_filter(img: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
-    """2D correlation with the outer product of two odd-length kernels, edges repeated (float32)."""
-    return _separable(np.ascontiguousarray(img, np.float32), np.asarray(ky, np.float32), np.asarray(kx, np.float32))
-
-
-IDENTITY = np.array([1.0], np.float32)
-GAUSS1 = np.exp(-0.5 * np.arange(-3, 4) ** 2).astype(np.float32)
-GAUSS1 /= GAUSS1.sum()  # sigma 1, 7 taps
-
-
-def shift_fraction(img: np.ndarray, fy: float, fx: float) -> np.ndarray:
-    """out[y, x] = img[y - fy, x - fx] for |fy|, |fx| <= 0.5 (Lanczos-3 interpolation, edges repeated)."""
-    if not fy and not fx:
-        return np.asarray(img, np.float32)
-    ky = _fraction_kernel(fy) if fy else IDENTITY
-    kx = _fraction_kernel(fx) if fx else IDENTITY
-    return separable_filter(img, ky, kx)
-
-
-def _lucas_kanade(a: np.ndarray, b: np.ndarray, robust: bool) -> tuple[float, float] | None:
-    """Least-squares (ey, ex) with a[y] ~ b[y - e] for small e; None if the frames have no texture.
-
-    With `robust`, residuals are Cauchy-weighted (scale from their median absolute deviation), so a
-    region that changed (a cell lighting up) does not pull the global shift towards itself.
+    Residuals are Cauchy-weighted (scale from their median absolute deviation), so a region that
+    changed (a cell lighting up) does not pull the global shift towards itself.
     """
-    gy = 0.5 * (np.gradient(a, axis=0) + np.gradient(b, axis=0))
-    gx = 0.5 * (np.gradient(a, axis=1) + np.gradient(b, axis=1))
+    gy = 0.5 * (_gradient(a, 0) + _gradient(b, 0))
+    gx = 0.5 * (_gradient(a, 1) + _gradient(b, 1))
     d = a - b
-    if robust:
-        d -= np.float32(np.median(d[::2, ::2]))  # a change in part of the field must not offset the rest
-        # Cauchy scale: the residuals' spread, but never below what a 0.25-pixel misalignment leaves
-        texture = float(np.sqrt(np.mean(gy * gy + gx * gx)))
-        scale = max(1.4826 * float(np.median(np.abs(d[::2, ::2]))), 0.25 * texture) * 2.385 + 1e-12
-        w = 1.0 / (1.0 + (d / np.float32(scale)) ** 2)
-        wy, wx = w * gy, w * gx
-    else:
-        d -= np.float32(d.mean())
-        wy, wx = gy, gx
-    m = np.array([[np.vdot(wy, gy), np.vdot(wy, gx)], [np.vdot(wx, gy), np.vdot(wx, gx)]], np.float64)
-    rhs = -np.array([np.vdot(wy, d), np.vdot(wx, d)], np.float64)
-    if m[0, 0] + m[1, 1] <= 0 or np.linalg.cond(m) > 1e4:
+    d = d - d[::2, ::2].median()  # a change in part of the field must not offset the rest
+    # Cauchy scale: the residuals' spread, but never below what a 0.25-pixel misalignment leaves
+    texture = float(torch.sqrt((gy * gy + gx * gx).mean()))
+    scale = max(1.4826 * float(d[::2, ::2].abs().median()), 0.25 * texture) * 2.385 + 1e-12
+    wgt = 1.0 / (1.0 + (d / scale) ** 2)
+    wy, wx = wgt * gy, wgt * gx
+    sums = torch.stack([(wy * gy).sum(), (wy * gx).sum(), (wx * gx).sum(), (wy * d).sum(), (wx * d).sum()])
+    syy, syx, sxx, ry, rx = (float(v) for v in sums.double().cpu())  # one device-to-host copy per step
+    det = syy * sxx - syx * syx
+    trace = syy + sxx
+    if trace <= 0 or det <= 0:
         return None
-    ey, ex = np.linalg.solve(m, rhs)
-    return float(ey), float(ex)
+    disc = max((trace / 2) ** 2 - det, 0.0) ** 0.5
+    if (trace / 2 + disc) / max(trace / 2 - disc, 1e-30) > 1e4:  # condition number: no texture in one direction
+        return None
+    ey = (-ry * sxx + rx * syx) / det
+    ex = (-rx * syy + ry * syx) / det
+    return ey, ex
 
 
-def subpixel_shift(cur: np.ndarray, ref: np.ndarray, max_shift: float = 64.0) -> tuple[float, float] | None:
+def subpixel_shift(cur: torch.Tensor, ref: torch.Tensor, max_shift: float = 64.0) -> tuple[float, float] | None:
     """(dy, dx) with cur[y, x] ~ ref[y - dy, x - dx], to a fraction of a pixel; None if not found.
 
     Coarse: phase correlation at quarter resolution. Fine: up to five Lucas-Kanade steps at half
-    resolution (sigma-1 blur there), robustly weighted, re-centring on the nearest
-    integer shift after each step.
+    resolution (sigma-1 blur there), robustly weighted, re-centring on the nearest integer shift
+    after each step. Frames above WORK_SIDE are block-averaged to it first.
     """
+    factor = 1
+    while min(cur.shape) > WORK_SIDE:
+        cur, ref, factor = halve(cur), halve(ref), factor * 2
     a2, b2 = halve(cur), halve(ref)
     h, w = a2.shape
     if min(h, w) < 16:
         return None
-    a2, b2 = separable_filter(a2, GAUSS1, GAUSS1), separable_filter(b2, GAUSS1, GAUSS1)
+    a2, b2 = separable(a2, GAUSS1, GAUSS1), separable(b2, GAUSS1, GAUSS1)
     if min(h, w) >= 64:
         cy, cx = register_shift(halve(a2), halve(b2))
         n = [2 * cy, 2 * cx]
     else:
         n = [0, 0]
-    e = np.zeros(2)
+    e = [0.0, 0.0]
     margin = 3
     for it in range(5):
         if abs(n[0]) > h // 2 or abs(n[1]) > w // 2:
             return None
         (ya, xa), (yb, xb) = overlap(h, w, n[0], n[1])
         a, b = a2[ya, xa], b2[yb, xb]
-        if e.any():
-            b = shift_fraction(b, float(e[0]), float(e[1]))
+        if e[0] or e[1]:
+            b = shift_fraction(b, e[0], e[1])
         a, b = a[margin:-margin, margin:-margin], b[margin:-margin, margin:-margin]
         if min(a.shape) < 8:
             return None
-        step = _lucas_kanade(a, b, robust=True)
+        step = _lucas_kanade(a.contiguous(), b.contiguous())
         if step is None:
             return None
-        e += step
-        whole = np.round(e).astype(int)
-        if it > 0 and not whole.any() and np.all(np.abs(step) < 0.01):
+        e = [e[0] + step[0], e[1] + step[1]]
+        whole = [round(e[0]), round(e[1])]
+        if it > 0 and whole == [0, 0] and abs(step[0]) < 0.01 and abs(step[1]) < 0.01:
             break
-        n[0] += int(whole[0])
-        n[1] += int(whole[1])
-        e -= whole
-    dy, dx = 2 * (n[0] + e[0]), 2 * (n[1] + e[1])
+        n = [n[0] + whole[0], n[1] + whole[1]]
+        e = [e[0] - whole[0], e[1] - whole[1]]
+    dy, dx = 2 * factor * (n[0] + e[0]), 2 * factor * (n[1] + e[1])
     if abs(dy) > max_shift or abs(dx) > max_shift:
         return None
     return float(dy), float(dx)

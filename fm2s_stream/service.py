@@ -8,7 +8,7 @@ that got frame N knows every frame up to N survives a crash of the server.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,25 @@ from .adapters.curve import CurveKeys, start_authenticator
 from .adapters.zmq import PreviewPubSink, ZmqPushSink, ZmqSource, check_endpoint
 from .channel import ChannelConfig, channel_config
 from .devices import resolve_device
-from .pipeline import Pipeline, PipelineConfig
+from .pipeline import Pipeline, PipelineConfig, default_threads
 from .sinks import FrameSink, SinkChain
 from .tiffsink import TiffSink
 
-__all__ = ["ServiceOptions", "StreamService"]
+__all__ = ["ServiceOptions", "StreamService", "default_of"]
 
 log = logging.getLogger(__name__)
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default of a dataclass field: argparse and the demo read defaults from here, never repeat them."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
 @dataclass
 class ServiceOptions:
-    """Everything `serve` needs to know (the CLI flags, one field each)."""
+    """Everything `serve` needs to know (the CLI flags, one field each); model and latency defaults
+    are the channel's and pipeline's own."""
 
     source: str = "tcp://127.0.0.1:5555"
     source_type: str = "pull"
@@ -40,16 +47,17 @@ class ServiceOptions:
     roll_every: int = 10_000
     pixel_size_um: float | None = None
     preset: str = "auto"
-    budget_ms: float = 50.0
+    budget_ms: float = PipelineConfig.budget_ms
     device: str = "auto"
-    seed: int = 0
-    threads: int = 2
-    temporal: bool = True
-    bootstrap_steps: int = 905
+    seed: int = ChannelConfig.seed
+    threads: int = field(default_factory=default_threads)
+    temporal: bool = ChannelConfig.temporal
+    cold_start_steps: int = ChannelConfig.cold_start_steps
+    cold_start: str = PipelineConfig.cold_start
     average_frames: int = ChannelConfig.average_frames
     allow_remote: bool = False
-    queue_size: int = 64
-    max_finetune_steps: int = 8
+    queue_size: int = PipelineConfig.queue_size
+    max_finetune_steps: int = PipelineConfig.max_finetune_steps
     curve: Path | None = None  # CurveZMQ key directory (`fm2s-stream keys`): encrypt + authenticate
     extra_channel: dict[str, Any] = field(default_factory=dict)
 
@@ -76,12 +84,12 @@ class StreamService:
             device=resolve_device(o.device),
             seed=o.seed,
             temporal=o.temporal,
-            bootstrap_steps=o.bootstrap_steps,
+            cold_start_steps=o.cold_start_steps,
             average_frames=o.average_frames,
             **o.extra_channel,
         )
-        config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads,
-                                queue_size=o.queue_size, max_finetune_steps=o.max_finetune_steps)
+        config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads, queue_size=o.queue_size,
+                                max_finetune_steps=o.max_finetune_steps, cold_start=o.cold_start)
         self.tiffs: list[TiffSink] = []
         if o.save is not None:
             kinds = ("denoised", "raw") if o.save_kind == "both" else (o.save_kind,)

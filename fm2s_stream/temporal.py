@@ -28,17 +28,17 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .calibrate import estimate_noise
-from .registration import halve, separable_filter, shift_fraction, subpixel_shift
+from .calibrate import NoiseEstimate, estimate_noise_or_none
+from .ops import BOX3, BOX7, halve, separable, shift_fraction
+from .registration import subpixel_shift
 
 __all__ = ["TemporalAverage"]
 
 SCENE_CHANGE = 0.3  # fraction of changed pixels above which the whole field restarts
 CHI2_MEDIAN = 0.4549  # median of a chi-square variable with one degree of freedom
 SNAP = 0.05  # sub-pixel offsets below this (pixels) are not worth an interpolation
-BOX3 = np.full(3, 1 / 3, np.float32)
-BOX7 = np.full(7, 1 / 7, np.float32)
 
 
 def _variance_factor(kernel_1d: np.ndarray) -> float:
@@ -54,14 +54,17 @@ REGION_VARIANCE = _variance_factor(np.full(28, 1 / 28))
 
 @dataclass
 class _State:
-    raw: np.ndarray  # running average of the 3x3-averaged raw frame (camera units, float32)
-    out: np.ndarray  # running average of the denoised frame
-    count: np.ndarray  # frames in each pixel's average (0: no history yet)
+    raw: torch.Tensor  # running average of the 3x3-averaged raw frame (camera units, float32)
+    out: torch.Tensor  # running average of the denoised frame
+    count: torch.Tensor  # frames in each pixel's average (0: no history yet)
     frac: tuple[float, float] = (0.0, 0.0)  # history pixel i shows the current frame's position i + frac
 
 
 class TemporalAverage:
-    """Per stage position: align, then average what did not change over consecutive denoised frames."""
+    """Per stage position: align, then average what did not change over consecutive denoised frames.
+
+    Frames are (H, W) float32 tensors in camera units, on any device; everything stays there.
+    """
 
     def __init__(self, max_frames: int = 8, threshold: float = 4.0, max_positions: int = 32,
                  motion: bool = True) -> None:
@@ -82,17 +85,28 @@ class TemporalAverage:
         """Forget every position's history (shape change, model reset)."""
         self._states.clear()
 
-    def apply(self, raw: np.ndarray, denoised: np.ndarray, position: tuple[int, int] = (0, 0)) -> tuple[
-        np.ndarray, float
+    def seed_noise(self, est: NoiseEstimate | None) -> None:
+        """First guess of the 3x3-mean noise: a single-frame camera fit, as if the noise were white.
+
+        Learnt from frame-to-frame differences afterwards; without a guess it waits for them.
+        """
+        if est is None or self.noise is not None:
+            return
+        a, b = est.a / 9.0, max(est.b, 1e-6 - est.a * est.black) / 9.0
+        if np.isfinite(a) and np.isfinite(b):
+            self.noise = (a, b)
+
+    def apply(self, raw: torch.Tensor, denoised: torch.Tensor, position: tuple[int, int] = (0, 0)) -> tuple[
+        torch.Tensor, float
     ]:
-        """(averaged denoised frame as float32, mean number of frames averaged per pixel)."""
-        out = np.asarray(denoised, np.float32)
+        """(averaged denoised frame, float32 on its device; mean number of frames averaged per pixel)."""
+        out = denoised.float()
         if self.max_frames == 1:
             return out, 1.0
         self.frames += 1
-        if self.noise is None:
-            self._start_noise_model(raw)
-        box = separable_filter(raw, BOX3, BOX3)
+        if self.noise is None and self.frames == 1:  # nobody seeded it: fit the first frame (a central crop)
+            self.seed_noise(estimate_noise_or_none(_central_crop(raw)))
+        box = separable(raw.float(), BOX3, BOX3)
         state = self._states.pop(position, None)
         if state is not None:
             self._states[position] = state  # most recently seen last
@@ -107,23 +121,23 @@ class TemporalAverage:
         if fine > SCENE_CHANGE:
             self.scene_changes += 1
             return self._restart(position, box, out)
-        count = np.where(changed, np.float32(1), np.minimum(state.count + 1, np.float32(self.max_frames)))
+        count = torch.where(changed, 1.0, torch.clamp(state.count + 1, max=float(self.max_frames)))
         alpha = 1.0 / count
         state.raw += alpha * (box_h - state.raw)
         state.out += alpha * (out_h - state.out)
         state.count = count
         # the current frame as it is, plus the history's difference from it brought to its grid
-        result = out + shift_fraction(state.out - out_h, fy, fx) if (fy or fx) else state.out.copy()
+        result = out + shift_fraction(state.out - out_h, fy, fx) if (fy or fx) else state.out.clone()
         return result, float(count.mean())
 
-    def _restart(self, position: tuple[int, int], box: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
+    def _restart(self, position: tuple[int, int], box: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Start this position's average afresh from the current frame (oldest positions forgotten)."""
-        self._states[position] = _State(box, out.copy(), np.ones(out.shape, np.float32))
+        self._states[position] = _State(box, out.clone(), torch.ones_like(out))
         while len(self._states) > self.max_positions:
             self._states.pop(next(iter(self._states)))
         return out, 1.0
 
-    def _follow(self, state: _State, out: np.ndarray) -> bool:
+    def _follow(self, state: _State, out: torch.Tensor) -> bool:
         """Register the history to the current frame and move it there; False if no match is found."""
         if not self.motion:
             return True
@@ -140,26 +154,17 @@ class TemporalAverage:
                 setattr(state, name, _roll(getattr(state, name), whole))
         return True
 
-    def _start_noise_model(self, raw: np.ndarray) -> None:
-        """First guess of the 3x3-mean noise: the camera fit of one frame, as if the noise were white."""
-        try:
-            est = estimate_noise(raw)
-        except ValueError:  # too structured to fit: wait for temporal differences
-            return
-        a, b = est.a / 9.0, max(est.b, 1e-6 - est.a * est.black) / 9.0
-        if np.isfinite(a) and np.isfinite(b):
-            self.noise = (a, b)
-
-    def _learn_noise_model(self, diff: np.ndarray, state: _State, still: np.ndarray) -> None:
+    def _learn_noise_model(self, diff: torch.Tensor, state: _State, still: torch.Tensor) -> None:
         """Refine the 3x3-mean noise model from frame-to-frame differences of pixels that did not change:
         a robust line through the median squared difference per intensity bin, averaged over frames."""
-        step = max(1, int(np.sqrt(diff.size / 16384)))  # ~16k pixels are plenty for 8 bins
+        step = max(1, int(np.sqrt(diff.numel() / 16384)))  # ~16k pixels are plenty for 8 bins
         pick = still[::step, ::step]
-        level = state.raw[::step, ::step][pick]
-        if level.size < 256:
+        level_t = state.raw[::step, ::step][pick]
+        if level_t.numel() < 256:
             return
         count = state.count[::step, ::step][pick]
-        sq = (diff[::step, ::step][pick] ** 2) / (1.0 + 1.0 / count)
+        sq_t = (diff[::step, ::step][pick] ** 2) / (1.0 + 1.0 / count)
+        level, sq = level_t.cpu().numpy(), sq_t.cpu().numpy()  # ~16k values, every 4th frame
         edges = np.unique(np.quantile(level, np.linspace(0, 1, 9)))
         xs, ys = [], []
         for lo, hi in itertools.pairwise(edges):
@@ -178,34 +183,34 @@ class TemporalAverage:
         old = self.noise
         self.noise = (a, b) if old is None else (0.9 * old[0] + 0.1 * a, 0.9 * old[1] + 0.1 * b)
 
-    def _changed(self, box: np.ndarray, state: _State) -> tuple[np.ndarray, float]:
+    def _changed(self, box: torch.Tensor, state: _State) -> tuple[torch.Tensor, float]:
         """Pixels whose 3x3 (~9x9, ~30x30) raw mean left its running average by more than the noise
         explains, and pixels without history; and the fraction of the frame changed at 3x3 (the
         coarser scales mark the surroundings of any local change, so they do not decide scene changes)."""
         fresh = state.count < 1
-        diff = np.where(fresh, np.float32(0), box - state.raw)
+        diff = torch.where(fresh, 0.0, box - state.raw)
         if self.noise is not None:
             a, b = self.noise
-            sd = np.sqrt(np.maximum(a * state.raw + b, 1e-6) * (1.0 + 1.0 / np.maximum(state.count, 1)))
+            sd = torch.sqrt(torch.clamp(a * state.raw + b, min=1e-6) * (1.0 + 1.0 / torch.clamp(state.count, min=1)))
         else:
-            sd = np.ones_like(diff)
-        changed = fresh.copy()
+            sd = torch.ones_like(diff)
+        changed = fresh.clone()
         quiet, fine, finer = True, 0.0, 1.0
-        scales = [("3x3", diff / sd), ("9x9", separable_filter(diff, BOX7, BOX7) / (sd * WIDE_VARIANCE**0.5))]
+        scales = [("3x3", diff / sd), ("9x9", separable(diff, BOX7, BOX7) / (sd * WIDE_VARIANCE**0.5))]
         if min(diff.shape) >= 64:
             quarter = lambda a: halve(halve(a))  # noqa: E731 - 4x4 block means
-            wide = separable_filter(quarter(diff), BOX7, BOX7) / (quarter(sd) * REGION_VARIANCE**0.5)
+            wide = separable(quarter(diff), BOX7, BOX7) / (quarter(sd) * REGION_VARIANCE**0.5)
             scales.append(("30x30", _expand(wide, diff.shape)))
         for scale, z in scales:
-            current = 1.4826 * float(np.median(np.abs(z[::4, ::4])))  # (one sample per 4x4 block)
+            current = 1.4826 * float(z[::4, ::4].abs().median())  # (one sample per 4x4 block)
             if self.noise is not None:
                 # correlated noise and model error only ever add spread, and more so at coarser scales;
                 # a coarse scale has few independent samples per frame, so its estimate is floored
                 current = min(max(current, finer), 5.0)
             spread = self.spread.get(scale, current)
             finer = spread
-            hit = np.abs(z) > self.threshold * max(spread, 1e-12)
-            fraction = float(hit.mean())
+            hit = z.abs() > self.threshold * max(spread, 1e-12)
+            fraction = float(hit.float().mean())
             fine = fraction if scale == "3x3" else fine
             quiet = quiet and fraction < 0.05
             changed |= hit
@@ -213,18 +218,29 @@ class TemporalAverage:
                 self.spread[scale] = current if scale not in self.spread else 0.9 * spread + 0.1 * current
         if fine < 0.05 and (self.frames < 16 or self.frames % 4 == 0):  # settles fast, then drifts slowly
             self._learn_noise_model(diff, state, ~changed)
-        return separable_filter(changed.astype(np.float32), BOX3, BOX3) > 0, fine  # dilated by one pixel
+        return separable(changed.float(), BOX3, BOX3) > 0, fine  # dilated by one pixel
 
 
-def _expand(small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _central_crop(raw: torch.Tensor, side: int = 512) -> np.ndarray:
+    """The central side x side window of a camera frame, as an integer numpy array for `estimate_noise`."""
+    h, w = raw.shape
+    y, x = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    window = raw[y : y + side, x : x + side].cpu().numpy()
+    return window if window.dtype.kind == "u" else np.clip(np.rint(window), 0, 65535).astype(np.uint16)
+
+
+def _expand(small: torch.Tensor, shape: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Blocks of 4x4 back to full resolution (nearest; edges repeated where the shape is not a multiple of 4)."""
-    big = np.repeat(np.repeat(small, 4, axis=0), 4, axis=1)
-    return np.pad(big, ((0, shape[0] - big.shape[0]), (0, shape[1] - big.shape[1])), mode="edge")
+    big = small.repeat_interleave(4, dim=0).repeat_interleave(4, dim=1)
+    ph, pw = shape[0] - big.shape[0], shape[1] - big.shape[1]
+    if ph or pw:
+        big = torch.nn.functional.pad(big[None, None], (0, pw, 0, ph), mode="replicate")[0, 0]
+    return big
 
 
-def _roll(a: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+def _roll(a: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
     """`a` moved by whole pixels (out[y] = a[y - shift]); what enters from outside is 0 (count 0: no history)."""
-    out = np.roll(a, shift, axis=(0, 1))
+    out = torch.roll(a, shift, dims=(0, 1))
     dy, dx = shift
     out[: max(dy, 0)] = 0
     out[out.shape[0] + min(dy, 0) :] = 0

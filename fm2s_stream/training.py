@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from .devices import fast_inference_dtype
 from .model import FM2SNet
 from .noise import NoiseInjector
+from .ops import gaussian, median
 from .presets import Preset
 
 __all__ = [
@@ -69,6 +69,14 @@ class Schedule:
         """All Adam steps of both stages."""
         return self.stage1_steps + self.rounds * self.steps_per_round + self.refine_steps
 
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step `step` (0-based, both stages): constant in stage 1, cosine over stage 2."""
+        i = step - self.stage1_steps
+        n = max(1, self.rounds * self.steps_per_round)
+        if i < 0 or self.lr == self.lr_final:
+            return self.lr
+        return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * min(i, n) / n))
+
 
 SCHEDULES: dict[str, Schedule] = {
     "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median"),
@@ -76,25 +84,22 @@ SCHEDULES: dict[str, Schedule] = {
 }
 
 
-def make_target(unit: np.ndarray, preset: Preset, kind: str) -> np.ndarray:
-    """The stage-1 pre-denoised target of a [0, 1] frame.
+def make_target(unit: torch.Tensor | np.ndarray, preset: Preset, kind: str) -> torch.Tensor:
+    """The stage-1 pre-denoised target of a [0, 1] frame ((H, W), on its device; numpy arrays on the CPU).
 
     "median": the paper's median filter of window preset.w_size; "gauss": Gaussian sigma 1;
     "mix": the mean of both (sharper edges than the blur, less blotchy than the median);
     "gmed": the paper's median applied after a sigma-1 Gaussian (the best classical target on FMD).
     """
+    x = torch.as_tensor(unit).float()
     if kind == "median":
-        return ndimage.median_filter(unit, size=preset.w_size, mode="reflect")
+        return median(x, preset.w_size)
     if kind == "gauss":
-        return ndimage.gaussian_filter(unit, 1.0, mode="reflect")
+        return gaussian(x, 1.0)
     if kind == "gmed":
-        return ndimage.median_filter(ndimage.gaussian_filter(unit, 1.0, mode="reflect"), size=preset.w_size,
-                                     mode="reflect")
+        return median(gaussian(x, 1.0), preset.w_size)
     if kind == "mix":
-        return 0.5 * (
-            ndimage.median_filter(unit, size=preset.w_size, mode="reflect")
-            + ndimage.gaussian_filter(unit, 1.0, mode="reflect")
-        )
+        return 0.5 * (median(x, preset.w_size) + gaussian(x, 1.0))
     raise ValueError(f"unknown target kind {kind!r}")
 
 
@@ -115,24 +120,25 @@ def as_batch(image: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def target_crops(
-    unit: np.ndarray, preset: Preset, kind: str, size: int, batch: int, generator: torch.Generator
+    unit: torch.Tensor, preset: Preset, kind: str, size: int, batch: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """`batch` random size x size windows of the pre-denoised target, (batch, 1, size, size).
+    """`batch` random size x size windows of the pre-denoised target of a (H, W) frame, (batch, 1, size, size).
 
     The target is computed on each window plus a margin, not on the whole frame: the same values
     away from the frame's border, at a fraction of the cost (this runs on every fine-tune step).
+    The windows stay on the frame's device; `generator` (CPU) only draws their positions.
     """
     h, w = unit.shape
     ch, cw = min(size, h), min(size, w)
     margin = max(preset.w_size // 2, 4) + 1
     ys = torch.randint(0, h - ch + 1, (batch,), generator=generator).tolist()
     xs = torch.randint(0, w - cw + 1, (batch,), generator=generator).tolist()
-    out = np.empty((batch, 1, ch, cw), np.float32)
-    for i, (y, x) in enumerate(zip(ys, xs)):
+    out = []
+    for y, x in zip(ys, xs):
         y0, x0 = max(0, y - margin), max(0, x - margin)
         window = unit[y0 : min(h, y + ch + margin), x0 : min(w, x + cw + margin)]
-        out[i, 0] = make_target(window, preset, kind)[y - y0 : y - y0 + ch, x - x0 : x - x0 + cw]
-    return torch.from_numpy(out)
+        out.append(make_target(window, preset, kind)[y - y0 : y - y0 + ch, x - x0 : x - x0 + cw])
+    return torch.stack(out)[:, None]
 
 
 @dataclass
@@ -170,10 +176,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _replicate(self, x: torch.Tensor) -> torch.Tensor:
+    def set_preset(self, preset: Preset) -> None:
+        """Inject noise of a new strength from now on (a channel's noise re-calibration)."""
+        self.preset = self.injector.preset = preset
+
+    def replicate(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) -> (N, n_chan, H, W) channels_last on the device."""
         x = x.to(self.device, non_blocking=True).expand(-1, self.net.n_chan, -1, -1)
         return x.contiguous(memory_format=torch.channels_last)
+
+    def noise_step(self, clean: torch.Tensor) -> float:
+        """One stage-2 step: a fresh injection of the (N, 1, h, w) clean crops -> the crops."""
+        y = self.replicate(clean)
+        noisy = self.replicate(self.injector(clean)) if self.shared_noise else self.injector(y)
+        return self.step(noisy, y)
 
     def step(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
         """One Adam step of MSE(net(inputs), target) on (N, n_chan, H, W) tensors."""
@@ -188,7 +204,7 @@ class Trainer:
 
     def structure_steps(self, raw: torch.Tensor, target: torch.Tensor, steps: int) -> float:
         """Stage 1: `steps` full-frame steps raw -> target ((1, 1, H, W) each)."""
-        x, y = self._replicate(raw), self._replicate(target)
+        x, y = self.replicate(raw), self.replicate(target)
         loss = math.nan
         for _ in range(steps):
             loss = self.step(x, y)
@@ -216,8 +232,8 @@ class Trainer:
                 self.set_lr(lr1 + 0.5 * (lr0 - lr1) * (1 + math.cos(math.pi * i / max(1, steps))))
             if i % steps_per_injection == 0:
                 y1 = random_crops(tgt, crop, batch, self.crop_rng) if crop else tgt[None]
-                y = self._replicate(y1)
-                noisy = self._replicate(self.injector(y1)) if self.shared_noise else self.injector(y)
+                y = self.replicate(y1)
+                noisy = self.replicate(self.injector(y1)) if self.shared_noise else self.injector(y)
             assert y is not None and noisy is not None
             last = self.step(noisy, y)
             if i == 0:

@@ -17,7 +17,7 @@ from fm2s_stream.frame import Frame
 from fm2s_stream.service import ServiceOptions, StreamService
 from fm2s_stream.wire import encode
 
-FAST_CHANNEL = {"bootstrap_steps": 12, "bootstrap_crop": 32, "finetune_crop": 32}
+FAST_CHANNEL = {"cold_start_steps": 12, "cold_start_crop": 32, "finetune_crop": 32}
 FAULT_ROWS: list[dict[str, Any]] = []  # the fault matrix, printed at the end of the test run
 
 
@@ -30,10 +30,10 @@ def fault_row(fault: str, frames_in: int, out: int, written: int | str, flagged:
 def start_service(save: Path | None = None, **kw: Any) -> StreamService:
     extra = dict(FAST_CHANNEL)
     extra.update(kw.pop("extra_channel", {}))
-    bootstrap = extra.pop("bootstrap_steps")
+    cold_steps = extra.pop("cold_start_steps")
     opts = ServiceOptions(
         source=f"tcp://127.0.0.1:{free_port()}", publish=f"tcp://127.0.0.1:{free_port()}", save=save,
-        threads=1, bootstrap_steps=bootstrap, extra_channel=extra, **kw,
+        threads=1, cold_start_steps=cold_steps, extra_channel=extra, **kw,
     )
     return StreamService(opts).start()
 

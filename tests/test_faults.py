@@ -111,7 +111,8 @@ def test_bad_frames_through_the_api_are_counted_and_the_stream_survives():
     from fm2s_stream.pipeline import Pipeline, PipelineConfig
     from fm2s_stream.presets import get_preset
 
-    pipe = Pipeline(PipelineConfig(ChannelConfig(get_preset("confocal"), bootstrap_steps=5, bootstrap_crop=32))).start()
+    channel = ChannelConfig(get_preset("confocal"), cold_start_steps=5, cold_start_crop=32)
+    pipe = Pipeline(PipelineConfig(channel)).start()
     bad = [np.full((16, 16), np.nan), np.ones((16, 16), np.float64), np.ones((16, 16), np.int32),
            np.ones((16, 16), bool), np.ones((0, 16), np.uint8), np.ones((1, 1), np.uint16),
            np.ones((4, 16, 16), np.uint16), np.ones((16, 16, 3), np.uint8)]
@@ -291,9 +292,9 @@ def test_subscriber_reconnecting_and_source_restarting_lose_nothing(tmp_path):
 
 
 def test_denoiser_failure_on_one_frame_passes_it_raw_flagged_and_restores_the_model(tmp_path, monkeypatch):
-    from fm2s_stream.channel import ChannelModel
+    from fm2s_stream.channel import Channel
 
-    original = ChannelModel.infer
+    original = Channel.answer
     calls = {"n": 0}
 
     def flaky(self, prep):  # fault injection: the 25th inference fails like a CUDA/torch error would
@@ -302,7 +303,7 @@ def test_denoiser_failure_on_one_frame_passes_it_raw_flagged_and_restores_the_mo
             raise RuntimeError("simulated CUDA error: an illegal memory access was encountered")
         return original(self, prep)
 
-    monkeypatch.setattr(ChannelModel, "infer", flaky)
+    monkeypatch.setattr(Channel, "answer", flaky)
     service = start_service(save=tmp_path, save_kind="both")
     client = Client(service)
     frames = noisy_frames(4)

@@ -18,7 +18,7 @@ from fm2s_stream.sinks import MemorySink  # noqa: E402
 
 pytestmark = [pytest.mark.hardware, pytest.mark.slow]
 
-QUICK = ChannelConfig(get_preset("confocal"), bootstrap_steps=15, bootstrap_crop=64, finetune_crop=64)
+QUICK = ChannelConfig(get_preset("confocal"), cold_start_steps=15, cold_start_crop=64, finetune_crop=64)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_mda_two_channels_twenty_timepoints_every_frame_denoised_in_order(core):
     res = sink.results
     assert len(res) == 40 and source.dropped == 0
     assert {r.status for r in res} == {"denoised"}
-    assert set(pipe.models) == {"GFP", "mCherry"}
+    assert set(pipe.channels) == {"GFP", "mCherry"}
     for ch in ("GFP", "mCherry"):
         ts = [r.frame.t for r in res if r.frame.channel == ch]
         assert ts == list(range(20))
@@ -103,24 +103,24 @@ def test_pycromanager_hook_modes_keep_dtype_and_never_raise(core, mode):
 def test_hook_failure_inside_the_denoiser_passes_raw_and_keeps_going(core, monkeypatch):
     frames = mda_frames(core, n=4)
     hook = Fm2sHook(PipelineConfig(QUICK, threads=2, cold_start="wait"), mode="replace", deadline_s=30)
-    model = hook.pipeline.model_for("GFP")
+    model = hook.pipeline.channel_for("GFP")
 
     calls = {"n": 0}
-    real_infer = model.infer
+    real_answer = model.answer
 
     def flaky(prep):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected CUDA-like failure")
-        return real_infer(prep)
+        return real_answer(prep)
 
-    monkeypatch.setattr(model, "infer", flaky)
+    monkeypatch.setattr(model, "answer", flaky)
     outs = [hook(img, dict(md)) for img, md in frames]
     report = hook.close()
     statuses = [o[1]["fm2s"]["status"] for o in outs]
     assert statuses == ["denoised", "raw", "denoised", "denoised"]
     assert outs[1][0] is frames[1][0] and report["hook"]["errors"] == 1
-    assert report["counts"]["raw"] == 1 and model.restores >= 1
+    assert report["counts"]["raw"] == 1 and model.learner.restores >= 1
 
 
 @pytest.mark.parametrize("mode", ["divert", "replace"])

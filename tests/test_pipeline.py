@@ -13,20 +13,20 @@ from tests.streamkit import noisy_frames
 def test_a_channel_that_went_quiet_still_finishes_its_cold_start_while_another_streams():
     # channel A sends one frame, then channel B streams with idle gaps between its frames: the idle
     # time must finish A's cold start too (it used to go only to the channel of the last frame)
-    config = PipelineConfig(ChannelConfig(get_preset("confocal"), bootstrap_steps=60, bootstrap_crop=32,
+    config = PipelineConfig(ChannelConfig(get_preset("confocal"), cold_start_steps=60, cold_start_crop=32,
                                           finetune_crop=32, average_frames=1), threads=1)
     frames = noisy_frames(8)
     sink = MemorySink()
     with Pipeline(config, [sink]) as pipe:
         pipe.submit(Frame(frames[0], channel="A", t=0, frame_id=0))
         fid, end = 1, time.monotonic() + 30
-        while not (pipe.models.get("A") is not None and pipe.models["A"].ready) and time.monotonic() < end:
+        while not (pipe.channels.get("A") is not None and pipe.channels["A"].ready) and time.monotonic() < end:
             pipe.submit(Frame(frames[fid % 8], channel="B", t=fid, frame_id=fid))
             fid += 1
             time.sleep(0.03)
-        a_ready = pipe.models["A"].ready
+        a_ready = pipe.channels["A"].ready
         pipe.submit(Frame(frames[1], channel="A", t=1, frame_id=fid))
     assert a_ready, f"A stayed in its cold start for {fid - 1} frames of B"
-    assert pipe.models["B"].ready
+    assert pipe.channels["B"].ready
     assert sink.by_id[fid].status == "denoised"  # A's next frame is answered by its network
     assert len(sink.results) == fid + 1

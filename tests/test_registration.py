@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from fm2s_stream.demo import psnr
-from fm2s_stream.registration import shift_fraction, subpixel_shift
+from fm2s_stream.ops import shift_fraction
+from fm2s_stream.registration import subpixel_shift
 from fm2s_stream.synthetic import Camera, TimeLapse, make_scene
 from fm2s_stream.temporal import TemporalAverage
 
@@ -24,7 +26,7 @@ def test_subpixel_shift_of_noisy_raw_frames_is_within_a_tenth_of_a_pixel(shift):
     scene = make_scene((320, 320), rng, peak=100, background=4)
     cur = CAMERA.expose(shifted(scene, *shift), rng).astype(np.float32)
     ref = CAMERA.expose(shifted(scene, 0, 0), rng).astype(np.float32)
-    found = subpixel_shift(cur, ref)
+    found = subpixel_shift(torch.from_numpy(cur), torch.from_numpy(ref))
     assert found is not None
     np.testing.assert_allclose(found, shift, atol=0.1)  # measured: sd 0.03 px over 24 cases, worst 0.07
 
@@ -35,7 +37,7 @@ def test_a_local_event_does_not_pull_the_global_shift():
     ref = CAMERA.ideal(shifted(scene, 0, 0)).astype(np.float32)
     cur = ref.copy()
     cur[40:90, 40:90] += 400  # a bright cell lights up; the stage did not move
-    found = subpixel_shift(cur, ref)
+    found = subpixel_shift(torch.from_numpy(cur), torch.from_numpy(ref))
     assert found is not None and max(abs(found[0]), abs(found[1])) < 0.05
 
 
@@ -44,9 +46,10 @@ def test_shift_fraction_matches_an_exact_shift_and_keeps_detail():
     scene = make_scene((320, 320), rng, peak=100, background=4)
     img = shifted(scene, 0, 0).astype(np.float32)
     exact = shifted(scene, 0.4, -0.3)
-    err = np.abs(shift_fraction(img, 0.4, -0.3) - exact)[4:-4, 4:-4].mean()
+    t = torch.from_numpy(img)
+    err = np.abs(shift_fraction(t, 0.4, -0.3).numpy() - exact)[4:-4, 4:-4].mean()
     assert err < 0.3 * np.abs(img - exact)[4:-4, 4:-4].mean()  # far closer than not shifting at all
-    np.testing.assert_array_equal(shift_fraction(img, 0.0, 0.0), img)
+    np.testing.assert_array_equal(shift_fraction(t, 0.0, 0.0).numpy(), img)
 
 
 def test_average_follows_a_drifting_stage_instead_of_smearing_it():
@@ -57,7 +60,9 @@ def test_average_follows_a_drifting_stage_instead_of_smearing_it():
         avg = TemporalAverage(8, motion=motion)
         for t in range(40):
             raw, truth = lapse.frame(t)
-            out, n = avg.apply(raw, truth + np.random.default_rng(t).normal(0, 6, truth.shape))  # a noisy denoiser
+            noisy = truth + np.random.default_rng(t).normal(0, 6, truth.shape)  # a noisy denoiser
+            out, n = avg.apply(torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(noisy.astype(np.float32)))
+            out = out.numpy()
             if t >= 10:
                 scores[motion].append(psnr(out, truth))
                 if motion:

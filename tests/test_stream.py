@@ -5,6 +5,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 import tifffile
 import zmq
@@ -179,8 +180,9 @@ def test_registration_follows_a_panning_stage_and_the_guard_rejects_a_new_scene(
     scene = ndimage.gaussian_filter(rng.uniform(0, 1, (300, 300)), 3) * 4
     a = scene[20:276, 20:276] + rng.normal(0, 0.05, (256, 256))
     b = scene[12:268, 15:271] + rng.normal(0, 0.05, (256, 256))  # stage moved by (8, 5)
-    pair = aligned_pair(a.astype(np.float32), b.astype(np.float32), threshold=3.0)
+    t = lambda x: torch.from_numpy(x.astype(np.float32))  # noqa: E731
+    pair = aligned_pair(t(a), t(b), threshold=3.0)
     assert pair is not None and pair[0].shape == (248, 251)
-    np.testing.assert_allclose(pair[0], pair[1], atol=0.4)
+    np.testing.assert_allclose(pair[0].numpy(), pair[1].numpy(), atol=0.4)
     other = ndimage.gaussian_filter(rng.uniform(0, 1, (256, 256)), 3) * 4
-    assert aligned_pair(a.astype(np.float32), other.astype(np.float32), threshold=3.0) is None
+    assert aligned_pair(t(a), t(other), threshold=3.0) is None

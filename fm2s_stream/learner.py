@@ -1,0 +1,182 @@
+"""Learner: one channel's network, optimiser, schedule position and snapshots; `infer` and the three steps.
+
+It answers (`infer`, tiled on the CPU so that large frames stay in cache) and learns: the cold start
+follows the offline default's `Schedule` step for step (stage 1, then stage-2 crop steps with its
+cosine learning rate) on the channel's first frame; afterwards every frame gets fine-tune steps on
+random crops with fresh FM2S noise, and, with temporal pairs, Noise2Noise steps in time. Every
+tensor it touches lives on its device; it uses the `Trainer`'s public API only.
+A snapshot of the last good weights is kept; a failing or diverging step restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import torch
+
+from .devices import fast_inference_dtype
+from .model import FM2SNet
+from .presets import Preset
+from .training import SCHEDULES, Schedule, Trainer, collapse_for_inference, make_target, random_crops, target_crops
+
+__all__ = ["HALO", "Learner", "cold_start_schedule"]
+
+HALO = 5  # receptive-field radius of the network (5x5, 3x3, 5x5 convolutions): tiles overlap by this
+TILE = 256  # CPU inference tile side: measured fastest at 1024 and 2048 (the whole frame falls out of cache)
+WHOLE_MAX_PIXELS = 640 * 640  # CPU frames up to this size run whole (measured faster than tiles at 512x512)
+STAGE1_CROP = 512  # stage 1 of a cold start runs on the full frame up to this side, on such crops beyond
+
+
+def cold_start_schedule(steps: int, crop: int | None = None) -> Schedule:
+    """The offline default (`fast`) schedule, shortened or lengthened to `steps` steps in all."""
+    fast = SCHEDULES["fast"]
+    return replace(fast, name=f"cold start ({steps})", rounds=max(1, steps - fast.stage1_steps), steps_per_round=1,
+                   crop=crop or fast.crop)
+
+
+class Learner:
+    """The network of one channel and everything needed to keep training it."""
+
+    def __init__(self, preset: Preset, schedule: Schedule, device: torch.device, seed: int = 0,
+                 finetune_crop: int = 96, finetune_batch: int = 2, finetune_lr: float = 1e-3,
+                 target: str = "mix", train_bf16: bool = True, inference_dtype: str = "auto",
+                 snapshot_every: int = 20) -> None:
+        from .offline import new_network
+
+        self.device = device
+        self.schedule = schedule
+        self.finetune = (finetune_crop, finetune_batch, finetune_lr)
+        self.target_kind = target
+        self.snapshot_every = snapshot_every
+        self.net: FM2SNet = new_network(preset.n_chan, seed, device)
+        self.trainer = Trainer(self.net, preset, device, seed=seed, lr=schedule.lr)
+        self.trainer.bf16 = train_bf16 and fast_inference_dtype(device) == torch.bfloat16
+        self.trainer.shared_noise = schedule.shared_noise
+        self.inference_dtype = (fast_inference_dtype(device) if inference_dtype == "auto"
+                                else getattr(torch, inference_dtype))
+        self.steps = 0  # all steps taken (cold start included)
+        self.temporal_steps = 0
+        self.restores = 0
+        self._cold_target: torch.Tensor | None = None  # (1, H, W) target of the cold start's frame
+        self._inference_net: FM2SNet | None = None
+        self._good = self._state()
+
+    @property
+    def preset(self) -> Preset:
+        """The noise model the injector uses now."""
+        return self.trainer.preset
+
+    @property
+    def ready(self) -> bool:
+        """True once the cold start's schedule is done."""
+        return self.steps >= self.schedule.total_steps
+
+    @property
+    def cold_progress(self) -> float:
+        """Share of the cold start done, 0..1."""
+        return min(1.0, self.steps / max(1, self.schedule.total_steps))
+
+    def set_preset(self, preset: Preset) -> None:
+        """Inject noise of a re-calibrated strength from now on."""
+        self.trainer.set_preset(preset)
+
+    def warm_from(self, other: Learner) -> bool:
+        """Start from another channel's trained weights (same n_chan); True if taken."""
+        if other.net.n_chan != self.net.n_chan:
+            return False
+        self.net.load_state_dict(other.net.state_dict())
+        self.steps = max(self.steps, other.steps if other.ready else 0)
+        self._inference_net = None
+        self.snapshot()
+        return True
+
+    # -- answering ---------------------------------------------------------------------------------
+    def infer(self, unit: torch.Tensor) -> torch.Tensor:
+        """The network's answer for a (H, W) [0, 1] frame on the device, float32 (H, W).
+
+        On the CPU frames larger than a tile are run tile by tile, each with a HALO-pixel margin of
+        frame around it (the network's receptive field; at the frame's edges the convolutions pad as
+        they do on the whole frame), so the result is the whole-frame answer, computed in cache; on a
+        GPU the whole frame runs at once.
+        """
+        if self._inference_net is None:
+            one = collapse_for_inference(self.net).to(self.inference_dtype)
+            self._inference_net = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        net = self._inference_net
+        h, w = unit.shape
+        with torch.inference_mode():
+            x = unit.to(self.inference_dtype)[None, None]
+            if self.device.type != "cpu" or h * w <= WHOLE_MAX_PIXELS:
+                return net(x.contiguous(memory_format=torch.channels_last))[0, 0].float()
+            out = torch.empty((h, w), dtype=torch.float32)
+            for y in range(0, h, TILE):
+                for x0 in range(0, w, TILE):
+                    y1, x1 = min(h, y + TILE), min(w, x0 + TILE)
+                    ya, xa = max(0, y - HALO), max(0, x0 - HALO)
+                    tile = x[:, :, ya : min(h, y1 + HALO), xa : min(w, x1 + HALO)].contiguous()
+                    out[y:y1, x0:x1] = net(tile)[0, 0, y - ya : y - ya + y1 - y, x0 - xa : x0 - xa + x1 - x0]
+            return out
+
+    # -- learning ----------------------------------------------------------------------------------
+    def cold_step(self, unit: torch.Tensor) -> float:
+        """One step of the cold start on the channel's cold-start frame ((H, W), [0, 1], on the device)."""
+        s = self.schedule
+        if self._cold_target is None or self._cold_target.shape[-2:] != unit.shape:
+            self._cold_target = make_target(unit, self.preset, s.target)[None]
+        self.trainer.set_lr(s.lr_at(self.steps))
+        if self.steps < s.stage1_steps:  # stage 1: structure, on the full frame or a large crop of it
+            stack = torch.stack([unit, self._cold_target[0]])
+            crop = random_crops(stack, STAGE1_CROP, 1, self.trainer.crop_rng)
+            loss = self.trainer.structure_steps(crop[:, :1], crop[:, 1:], 1)
+        else:
+            loss = self.trainer.noise_step(random_crops(self._cold_target, s.crop or 128, s.batch,
+                                                        self.trainer.crop_rng))
+        loss = self._after_step(loss)
+        if self.ready:
+            self._cold_target = None
+            self.snapshot()
+        return loss
+
+    def finetune_step(self, unit: torch.Tensor) -> float:
+        """One stage-2 step on random crops of this frame (their targets computed on the windows)."""
+        crop, batch, lr = self.finetune
+        self.trainer.set_lr(lr)
+        clean = target_crops(unit, self.preset, self.target_kind, crop, batch, self.trainer.crop_rng)
+        return self._after_step(self.trainer.noise_step(clean))
+
+    def temporal_step(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        """One Noise2Noise step in time: crops of the current raw frame -> the same crops of the previous one."""
+        crop, batch, lr = self.finetune
+        stack = torch.stack([current, previous])
+        crops = random_crops(stack, crop, batch, self.trainer.crop_rng)
+        self.trainer.set_lr(lr)
+        self.temporal_steps += 1
+        return self._after_step(self.trainer.step(self.trainer.replicate(crops[:, :1]),
+                                                  self.trainer.replicate(crops[:, 1:])))
+
+    def _after_step(self, loss: float) -> float:
+        if not math.isfinite(loss):
+            self.restore()
+            return loss
+        self.steps += 1
+        self._inference_net = None
+        if self.steps % self.snapshot_every == 0:
+            self.snapshot()
+        return loss
+
+    # -- snapshots ---------------------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        return copy.deepcopy(self.net.state_dict()), copy.deepcopy(self.trainer.optimizer.state_dict())
+
+    def snapshot(self) -> None:
+        """Remember the current weights and optimiser moments as the last good state."""
+        self._good = self._state()
+
+    def restore(self) -> None:
+        """Go back to the last good state (after a failed or diverging step)."""
+        self.net.load_state_dict(self._good[0])
+        self.trainer.optimizer.load_state_dict(self._good[1])
+        self._inference_net = None
+        self.restores += 1

@@ -1,0 +1,79 @@
+"""LatencyPolicy: how much the worker may learn after answering a frame. Pure, clock injected, unit-tested.
+
+Publish first, learn after. After each answer the pipeline asks `plan` and trains by the plan:
+- a channel in its cold start always gets a guaranteed share of the worker's time (COLD_SHARE of it,
+  counting the answer's own time), so the cold start finishes even when frames never stop; beyond
+  that it learns until the frame's latency budget is spent or another frame waits;
+- a ready channel fine-tunes while one step plus one answer still fits the budget and no frame waits,
+  at most `max_finetune_steps`; an estimate found over budget decays so that a one-off slow step
+  (kernel set-up, a busy moment) does not switch fine-tuning off for good;
+- under backlog a ready channel does not learn at all (counted as `finetune_skipped`).
+Costs are smoothed with exponential moving averages (COST_MEMORY of the old value kept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["COLD_SHARE", "LatencyPolicy", "Plan"]
+
+COLD_SHARE = 0.25  # a cold start gets at least this share of the worker's time while frames keep coming
+COST_MEMORY = 0.9  # EMA weight of the old estimate of a cost
+OVER_BUDGET_DECAY = 0.9  # an over-budget step estimate shrinks by this per skipped frame, then is re-measured
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do after an answer: up to `max_steps` steps, until `deadline` (None: no deadline) or a
+    frame waits, but `at_least_s` seconds of training whatever the queue; `skipped` names why not."""
+
+    max_steps: int
+    deadline: float | None = None
+    at_least_s: float = 0.0
+    skipped: bool = False
+
+
+class LatencyPolicy:
+    """Decides, from the queue depth, measured costs and the clock, how long the worker learns."""
+
+    def __init__(self, budget_ms: float, max_finetune_steps: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.budget_s = budget_ms / 1000.0
+        self.max_finetune_steps = max_finetune_steps
+        self.clock = clock
+        self.answer_s = 0.0  # smoothed cost of answering a frame with the network (0: not measured yet)
+        self.step_s = 0.0  # smoothed cost of one fine-tune step (0: not measured yet)
+
+    @staticmethod
+    def _smooth(old: float, new: float) -> float:
+        return new if old == 0 else COST_MEMORY * old + (1 - COST_MEMORY) * new
+
+    def answered(self, seconds: float) -> None:
+        """Record what a network answer cost (scaling to quantisation)."""
+        self.answer_s = self._smooth(self.answer_s, seconds)
+
+    def stepped(self, seconds: float) -> None:
+        """Record what one fine-tune step cost."""
+        self.step_s = self._smooth(self.step_s, seconds)
+
+    def plan(self, received: float, backlog: int, ready: bool, answer_seconds: float) -> Plan:
+        """The learning plan after answering a frame received at `received` (clock time) that took
+        `answer_seconds`, with `backlog` frames waiting, for a channel that is `ready` or cold."""
+        if not ready:
+            share = answer_seconds * COLD_SHARE / (1 - COLD_SHARE)
+            return Plan(max_steps=10**9, deadline=received + self.budget_s, at_least_s=share)
+        if backlog > 0 or self.max_finetune_steps <= 0:
+            return Plan(0, skipped=self.max_finetune_steps > 0)
+        if (self.step_s + self.answer_s) <= self.budget_s:
+            # a frame arriving mid-step waits at most one step: steps stop as soon as a frame waits
+            return Plan(self.max_finetune_steps)
+        self.step_s *= OVER_BUDGET_DECAY
+        return Plan(0, skipped=True)
+
+    def sustainable_fps(self) -> float | None:
+        """Frames per second at which every frame still gets its full fine-tune (None until measured)."""
+        if not self.answer_s or not self.step_s:
+            return None
+        return 1.0 / (self.answer_s + self.max_finetune_steps * self.step_s)

@@ -1,0 +1,46 @@
+"""PostProcess: what every answer goes through after the network, on its device: anchor, then average.
+
+Anchoring keeps the raw frame's low spatial frequencies (photometry, `anchor.py`); the registered
+temporal average then removes flicker on what did not change (`temporal.py`). Tensors in camera
+units in and out, on the frame's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .anchor import anchor
+from .calibrate import NoiseEstimate
+from .temporal import TemporalAverage
+
+__all__ = ["PostProcess"]
+
+
+class PostProcess:
+    """anchor (sigma px; 0 = off) -> registered temporal average (over up to `frames`; 1 = off)."""
+
+    def __init__(self, anchor_sigma: float, frames: int, threshold: float, max_positions: int,
+                 registration: bool, noise: NoiseEstimate | None = None) -> None:
+        self.anchor_sigma = anchor_sigma
+        self.average = TemporalAverage(frames, threshold, max_positions=max_positions, motion=registration)
+        self.average.seed_noise(noise)
+        self._classical = False  # the history holds classical (cold-start) answers
+
+    def apply(self, raw: torch.Tensor, out: torch.Tensor, position: tuple[int, int], network: bool) -> tuple[
+        torch.Tensor, float
+    ]:
+        """(the answer to publish, mean frames averaged per pixel); `network` False for classical answers.
+
+        Classical answers are averaged too (a still or drifting field gains from time already); their
+        history is dropped when the network takes over, so the two are never mixed.
+        """
+        if network and self._classical:
+            self.average.reset()
+        self._classical = not network
+        if network:
+            out = anchor(out, raw, self.anchor_sigma)
+        return self.average.apply(raw, out, position)
+
+    def reset(self) -> None:
+        """Forget the history (a shape change)."""
+        self.average.reset()
