@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from .postprocess import PostProcess
 from .presets import Preset
 from .registration import refine_shift, register_shift
 from .scaling import Scaling, scaling_for
+from .stages import StageClock
 from .temporal import TemporalAverage
 
 STRUCTURE_FRACTION = 0.5
@@ -66,6 +68,7 @@ class ChannelConfig:
     max_positions: int = 32  # stage positions whose history (temporal pairs, averages) is kept
     auto_noise: bool = False  # calibrate noise parameters on the channel's frames (`--preset auto`)
     recalibrate_every: int = 100  # frames between re-estimates (smoothed) when auto_noise
+    time_stages: bool = False  # record per-stage times (benchmarks; synchronises CUDA at each stage)
 
 
 def warm_up() -> None:
@@ -88,11 +91,14 @@ def channel_config(preset: str, **kw: object) -> ChannelConfig:
     return ChannelConfig(preset=get_preset("confocal" if auto else preset), auto_noise=auto, **kw)  # type: ignore[arg-type]
 
 
-def _central(a: np.ndarray, side: int) -> np.ndarray:
+def _central(a: _Image, side: int) -> _Image:
     """The central side x side window of a 2D array (the array itself when smaller)."""
     h, w = a.shape
     y, x = max(0, (h - side) // 2), max(0, (w - side) // 2)
     return a[y : y + side, x : x + side]
+
+
+_Image = TypeVar("_Image", np.ndarray, torch.Tensor)
 
 
 @dataclass
@@ -128,8 +134,9 @@ class Channel:
             seed=config.seed, finetune_crop=config.finetune_crop, finetune_batch=config.finetune_batch,
             finetune_lr=config.finetune_lr, target=config.target, train_bf16=config.train_bf16,
             inference_dtype=config.inference_dtype, snapshot_every=config.snapshot_every)
+        self.clock = StageClock(self.device, config.time_stages)
         self.post = PostProcess(config.anchor_sigma, config.average_frames, config.average_threshold,
-                                config.max_positions, config.average_registration, noise)
+                                config.max_positions, config.average_registration, noise, self.clock)
         self.frames_seen = 0
         self.motion_rejects = 0
         self.shape_changes = 0
@@ -163,9 +170,12 @@ class Channel:
             self.post.reset()
         self.shape = shape
         self.frames_seen += 1
-        self.scaling = self._update_scaling(pixels)
+        self.clock.start()
         camera = upload(pixels, self.device)
+        self.clock.lap("transfer")
+        self.scaling = self._update_scaling(pixels)
         unit = (camera - self.scaling.black) / self.scaling.span
+        self.clock.lap("scaling")
         return Prepared(pixels, camera, unit, self.scaling, position)
 
     def _update_scaling(self, pixels: np.ndarray) -> Scaling:
@@ -180,13 +190,13 @@ class Channel:
     def answer(self, prep: Prepared) -> tuple[np.ndarray, str]:
         """Denoised pixels (input dtype) and their status: "denoised" (network) or "bootstrap" (classical)."""
         network = self.ready
-        if network:
-            out = self.learner.infer(prep.unit)
-        else:
-            out = gaussian(prep.unit, 1.0)
+        out = self.learner.infer(prep.unit) if network else gaussian(prep.unit, 1.0)
         camera = out * prep.scaling.span + prep.scaling.black
+        self.clock.lap("inference" if network else "classical")
         camera, prep.averaged = self.post.apply(prep.camera, camera, prep.position, network)
-        return download(camera, prep.raw.dtype), "denoised" if network else "bootstrap"
+        pixels = download(camera, prep.raw.dtype)
+        self.clock.lap("quantisation")
+        return pixels, "denoised" if network else "bootstrap"
 
     # -- learning ----------------------------------------------------------------------------------
     def remember(self, prep: Prepared) -> None:
@@ -215,6 +225,7 @@ class Channel:
     def learn_step(self, prep: Prepared) -> bool:
         """One step (cold start or fine-tune); False if it diverged and the last good state was restored."""
         learner = self.learner
+        self.clock.start(frame=False)
         if not learner.ready:
             if self._cold_frame is None or self._cold_frame.shape != prep.unit.shape:
                 self._cold_frame = prep.unit
@@ -225,6 +236,7 @@ class Channel:
             loss = learner.temporal_step(*pair)
         else:
             loss = learner.finetune_step(prep.unit)
+        self.clock.lap("fine-tune step" if learner.ready else "cold-start step")
         return math.isfinite(loss)
 
     def restore(self) -> None:

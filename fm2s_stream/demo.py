@@ -202,7 +202,7 @@ def run_demo(
         Image.fromarray(panel).save(run / "before_after.png")
     points = [(sent[i] - t0, lat_of(received, sent, i), received[i][1]["fm2s"]["status"])
               for i in sorted(received)]
-    latency_plot(points, run / "latency.png", budget_ms)
+    latency_plot(points, run / "latency.png", options.budget_ms)
     (run / "report.json").write_text(json.dumps(summary, indent=1, default=str))
     say(format_summary(summary, run))
     return summary

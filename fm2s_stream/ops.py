@@ -4,7 +4,7 @@ The per-frame engine keeps a frame on the model's device from its upload to its 
 every spatial operation it needs is here, once, for any device. Where the CPU has a measurably
 faster kernel than torch's eager ops, the CPU path uses it on a zero-copy numpy view of the tensor
 and the choice is made in `_host` alone (measured at 2048x2048, 2 cores: a 7x7 separable filter
-takes 12 ms in numba, 44 ms as torch slices, 150 ms as torch conv2d; a 3x3 median 75 ms in scipy).
+takes 3 ms in numba, 44 ms as torch slices, 150 ms as torch conv2d).
 `tests/test_ops.py` checks that both paths give the same answer, on this CPU.
 
 Edge conventions: `separable` repeats edges (as the engine's registration and averaging always
@@ -63,25 +63,36 @@ def _kernel(k: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @numba.njit(parallel=True, cache=True)
 def _separable_numba(img: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """Correlate rows with kx, then columns with ky (odd lengths), edges repeated."""
+    """Correlate rows with kx, then columns with ky (odd lengths), edges repeated.
+
+    Each row is copied into an edge-padded buffer first, so the inner loops run without bounds
+    checks and vectorise (4x faster than clamping every index: 3.0 vs 12.8 ms for 7 taps at 2048^2).
+    """
     h, w = img.shape
     ry, rx = len(ky) // 2, len(kx) // 2
     tmp = np.empty((h, w), np.float32)
     for i in numba.prange(h):
+        row = np.empty(w + 2 * rx, np.float32)
         for j in range(w):
-            s = 0.0
-            for k in range(len(kx)):
-                jj = min(max(j + k - rx, 0), w - 1)
-                s += kx[k] * img[i, jj]
-            tmp[i, j] = s
+            row[j + rx] = img[i, j]
+        for j in range(rx):
+            row[j] = img[i, 0]
+            row[w + rx + j] = img[i, w - 1]
+        for j in range(w):
+            tmp[i, j] = 0.0
+        for k in range(len(kx)):
+            c = kx[k]
+            for j in range(w):
+                tmp[i, j] += c * row[j + k]
     out = np.empty((h, w), np.float32)
     for i in numba.prange(h):
         for j in range(w):
             out[i, j] = 0.0
         for k in range(len(ky)):
             ii = min(max(i + k - ry, 0), h - 1)
+            c = ky[k]
             for j in range(w):
-                out[i, j] += ky[k] * tmp[ii, j]
+                out[i, j] += c * tmp[ii, j]
     return out
 
 

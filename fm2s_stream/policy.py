@@ -1,4 +1,4 @@
-"""LatencyPolicy: how much the worker may learn after answering a frame. Pure, clock injected, unit-tested.
+"""LatencyPolicy: how much the worker may learn after answering a frame. Pure (times come in as arguments).
 
 Publish first, learn after. After each answer the pipeline asks `plan` and trains by the plan:
 - a channel in its cold start always gets a guaranteed share of the worker's time (COLD_SHARE of it,
@@ -13,8 +13,6 @@ Costs are smoothed with exponential moving averages (COST_MEMORY of the old valu
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["COLD_SHARE", "LatencyPolicy", "Plan"]
@@ -36,13 +34,11 @@ class Plan:
 
 
 class LatencyPolicy:
-    """Decides, from the queue depth, measured costs and the clock, how long the worker learns."""
+    """Decides, from the queue depth, measured costs and the frame's arrival time, how long the worker learns."""
 
-    def __init__(self, budget_ms: float, max_finetune_steps: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, budget_ms: float, max_finetune_steps: int) -> None:
         self.budget_s = budget_ms / 1000.0
         self.max_finetune_steps = max_finetune_steps
-        self.clock = clock
         self.answer_s = 0.0  # smoothed cost of answering a frame with the network (0: not measured yet)
         self.step_s = 0.0  # smoothed cost of one fine-tune step (0: not measured yet)
 

@@ -11,6 +11,7 @@ import torch
 
 from .anchor import anchor
 from .calibrate import NoiseEstimate
+from .stages import StageClock
 from .temporal import TemporalAverage
 
 __all__ = ["PostProcess"]
@@ -20,9 +21,11 @@ class PostProcess:
     """anchor (sigma px; 0 = off) -> registered temporal average (over up to `frames`; 1 = off)."""
 
     def __init__(self, anchor_sigma: float, frames: int, threshold: float, max_positions: int,
-                 registration: bool, noise: NoiseEstimate | None = None) -> None:
+                 registration: bool, noise: NoiseEstimate | None = None, clock: StageClock | None = None) -> None:
         self.anchor_sigma = anchor_sigma
-        self.average = TemporalAverage(frames, threshold, max_positions=max_positions, motion=registration)
+        self.clock = clock or StageClock(torch.device("cpu"))
+        self.average = TemporalAverage(frames, threshold, max_positions=max_positions, motion=registration,
+                                       clock=self.clock)
         self.average.seed_noise(noise)
         self._classical = False  # the history holds classical (cold-start) answers
 
@@ -39,7 +42,10 @@ class PostProcess:
         self._classical = not network
         if network:
             out = anchor(out, raw, self.anchor_sigma)
-        return self.average.apply(raw, out, position)
+            self.clock.lap("anchoring")
+        result = self.average.apply(raw, out, position)
+        self.clock.lap("averaging")
+        return result
 
     def reset(self) -> None:
         """Forget the history (a shape change)."""

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def default_of(cls: type, name: str) -> Any:
     """The default of a dataclass field: argparse and the demo read defaults from here, never repeat them."""
     f = next(f for f in fields(cls) if f.name == name)
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
 
 
 @dataclass

@@ -27,12 +27,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
 from .calibrate import NoiseEstimate, estimate_noise_or_none
 from .ops import BOX3, BOX7, halve, separable, shift_fraction
 from .registration import subpixel_shift
+from .stages import StageClock
 
 __all__ = ["TemporalAverage"]
 
@@ -52,6 +54,43 @@ WIDE_VARIANCE = _variance_factor(BOX7)
 REGION_VARIANCE = _variance_factor(np.full(28, 1 / 28))
 
 
+@numba.njit(parallel=True, cache=True)
+def _residuals_numba(box: np.ndarray, raw: np.ndarray, count: np.ndarray, a: float, b: float,
+                     modelled: bool) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The fused CPU kernel of `_residuals` (one pass instead of ten)."""
+    h, w = box.shape
+    diff = np.empty((h, w), np.float32)
+    sd = np.empty((h, w), np.float32)
+    for i in numba.prange(h):
+        for j in range(w):
+            n = count[i, j]
+            diff[i, j] = 0.0 if n < 1 else box[i, j] - raw[i, j]
+            if modelled:
+                sd[i, j] = np.sqrt(max(a * raw[i, j] + b, 1e-6) * (1.0 + 1.0 / max(n, 1.0)))
+            else:
+                sd[i, j] = 1.0
+    return diff, sd
+
+
+@numba.njit(parallel=True, cache=True)
+def _update_numba(changed: np.ndarray, box: np.ndarray, out: np.ndarray, raw: np.ndarray, avg: np.ndarray,
+                  count: np.ndarray, max_frames: float) -> float:  # pragma: no cover - compiled
+    """The fused CPU kernel of `_update`, in place; returns the mean count."""
+    h, w = box.shape
+    sums = np.zeros(h, np.float64)
+    for i in numba.prange(h):
+        s = 0.0
+        for j in range(w):
+            n = np.float32(1.0) if changed[i, j] else min(count[i, j] + np.float32(1.0), np.float32(max_frames))
+            alpha = np.float32(1.0) / n
+            raw[i, j] += alpha * (box[i, j] - raw[i, j])
+            avg[i, j] += alpha * (out[i, j] - avg[i, j])
+            count[i, j] = n
+            s += n
+        sums[i] = s
+    return sums.sum() / (h * w)
+
+
 @dataclass
 class _State:
     raw: torch.Tensor  # running average of the 3x3-averaged raw frame (camera units, float32)
@@ -67,7 +106,7 @@ class TemporalAverage:
     """
 
     def __init__(self, max_frames: int = 8, threshold: float = 4.0, max_positions: int = 32,
-                 motion: bool = True) -> None:
+                 motion: bool = True, clock: StageClock | None = None) -> None:
         if max_frames < 1:
             raise ValueError("max_frames must be >= 1")
         self.max_frames = max_frames
@@ -80,6 +119,8 @@ class TemporalAverage:
         self.last_shift: tuple[float, float] = (0.0, 0.0)
         self.spread: dict[str, float] = {}  # per scale: robust std of the normalised difference, static frames
         self._states: dict[tuple[int, int], _State] = {}
+        self.clock = clock or StageClock(torch.device("cpu"))  # times registration apart from averaging
+        self.torch_only = False  # True: the torch kernels on the CPU too (tests compare them with the fused ones)
 
     def reset(self) -> None:
         """Forget every position's history (shape change, model reset)."""
@@ -112,7 +153,10 @@ class TemporalAverage:
             self._states[position] = state  # most recently seen last
         if state is None or state.out.shape != out.shape:
             return self._restart(position, box, out)
-        if not self._follow(state, out):
+        self.clock.lap("averaging")
+        followed = self._follow(state, out)
+        self.clock.lap("registration")
+        if not followed:
             self.scene_changes += 1
             return self._restart(position, box, out)
         fy, fx = state.frac
@@ -121,14 +165,37 @@ class TemporalAverage:
         if fine > SCENE_CHANGE:
             self.scene_changes += 1
             return self._restart(position, box, out)
-        count = torch.where(changed, 1.0, torch.clamp(state.count + 1, max=float(self.max_frames)))
-        alpha = 1.0 / count
-        state.raw += alpha * (box_h - state.raw)
-        state.out += alpha * (out_h - state.out)
-        state.count = count
+        mean_count = self._update(changed, box_h, out_h, state)
         # the current frame as it is, plus the history's difference from it brought to its grid
         result = out + shift_fraction(state.out - out_h, fy, fx) if (fy or fx) else state.out.clone()
-        return result, float(count.mean())
+        return result, mean_count
+
+    def _update(self, changed: torch.Tensor, box: torch.Tensor, out: torch.Tensor, state: _State) -> float:
+        """Restart changed pixels, average the rest (weight 1 / count, count capped); the mean count."""
+        if state.raw.device.type == "cpu" and not self.torch_only:
+            return float(_update_numba(changed.numpy(), box.contiguous().numpy(), out.contiguous().numpy(),
+                                       state.raw.numpy(), state.out.numpy(), state.count.numpy(),
+                                       float(self.max_frames)))
+        count = torch.where(changed, 1.0, torch.clamp(state.count + 1, max=float(self.max_frames)))
+        alpha = 1.0 / count
+        state.raw += alpha * (box - state.raw)
+        state.out += alpha * (out - state.out)
+        state.count = count
+        return float(count.mean())
+
+    def _residuals(self, box: torch.Tensor, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3x3 raw mean - its running average, 0 where there is no history; the noise std of that)."""
+        modelled = self.noise is not None
+        a, b = self.noise if self.noise is not None else (0.0, 0.0)
+        if box.device.type == "cpu" and not self.torch_only:
+            d, s = _residuals_numba(box.contiguous().numpy(), state.raw.numpy(), state.count.numpy(),
+                                    float(a), float(b), modelled)
+            return torch.from_numpy(d), torch.from_numpy(s)
+        diff = torch.where(state.count < 1, 0.0, box - state.raw)
+        if not modelled:
+            return diff, torch.ones_like(diff)
+        sd = torch.sqrt(torch.clamp(a * state.raw + b, min=1e-6) * (1.0 + 1.0 / torch.clamp(state.count, min=1)))
+        return diff, sd
 
     def _restart(self, position: tuple[int, int], box: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Start this position's average afresh from the current frame (oldest positions forgotten)."""
@@ -187,14 +254,8 @@ class TemporalAverage:
         """Pixels whose 3x3 (~9x9, ~30x30) raw mean left its running average by more than the noise
         explains, and pixels without history; and the fraction of the frame changed at 3x3 (the
         coarser scales mark the surroundings of any local change, so they do not decide scene changes)."""
-        fresh = state.count < 1
-        diff = torch.where(fresh, 0.0, box - state.raw)
-        if self.noise is not None:
-            a, b = self.noise
-            sd = torch.sqrt(torch.clamp(a * state.raw + b, min=1e-6) * (1.0 + 1.0 / torch.clamp(state.count, min=1)))
-        else:
-            sd = torch.ones_like(diff)
-        changed = fresh.clone()
+        diff, sd = self._residuals(box, state)
+        changed = state.count < 1
         quiet, fine, finer = True, 0.0, 1.0
         scales = [("3x3", diff / sd), ("9x9", separable(diff, BOX7, BOX7) / (sd * WIDE_VARIANCE**0.5))]
         if min(diff.shape) >= 64:
