@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,17 +92,27 @@ def noisy_frames(n: int, shape: tuple[int, int] = (64, 64), seed: int = 0) -> li
     return [(rng.poisson(base) * 4 + 100).astype(np.uint16) for _ in range(n)]
 
 
+def serve_command(*args: str) -> list[str]:
+    """`fm2s-stream serve ARGS` as the installed package runs it (see OUTSIDE)."""
+    import sys
+
+    return [sys.executable, "-m", "fm2s_stream.cli", "serve", *args]
+
+
+# subprocesses start outside the checkout: `python -m` puts its working directory first on sys.path,
+# where the checkout's fm2s_stream/ folder would shadow the installed package (which alone has adapters/)
+OUTSIDE = Path(tempfile.gettempdir())
+
+
 def spawn_serve(save: Path | None, *extra: str, **popen: Any) -> tuple[Any, str, str]:
     """A real `fm2s-stream serve` process on free loopback ports: (Popen, source, publish)."""
     import subprocess
-    import sys
 
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "fm2s_stream.cli", "serve", "--source", src, "--publish", pub,
-           "--threads", "1", "--status-every", "0", *extra]
+    cmd = serve_command("--source", src, "--publish", pub, "--threads", "1", "--status-every", "0", *extra)
     if save is not None:
         cmd += ["--save", str(save)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE, **popen)
     return proc, src, pub
 
 

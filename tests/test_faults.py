@@ -4,7 +4,6 @@ import json
 import resource
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +14,18 @@ import zmq
 
 from fm2s_stream.demo import free_port
 from fm2s_stream.frame import Frame
-from tests.streamkit import Client, fault_row, header, noisy_frames, rss_bytes, spawn_serve, start_service, stop_serve
+from tests.streamkit import (
+    OUTSIDE,
+    Client,
+    fault_row,
+    header,
+    noisy_frames,
+    rss_bytes,
+    serve_command,
+    spawn_serve,
+    start_service,
+    stop_serve,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +38,9 @@ def _limit_file_size() -> None:
 def test_disk_full_is_reported_and_zmq_output_continues(tmp_path):
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fm2s_stream.cli", "serve", "--source", src, "--publish", pub, "--save",
-         str(tmp_path), "--roll-every", "1000000", "--threads", "1", "--status-every", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_file_size,
+        serve_command("--source", src, "--publish", pub, "--save", str(tmp_path), "--roll-every", "1000000",
+                      "--threads", "1", "--status-every", "0"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_file_size, cwd=OUTSIDE,
     )
     ctx = zmq.Context.instance()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)

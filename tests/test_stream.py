@@ -1,7 +1,6 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import zmq
 
 from fm2s_stream.demo import free_port
 from fm2s_stream.frame import Frame
-from tests.streamkit import Client, fault_row, noisy_frames, start_service
+from tests.streamkit import OUTSIDE, Client, fault_row, noisy_frames, serve_command, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +110,9 @@ def test_shape_change_mid_stream_is_handled_and_files_roll(tmp_path):
 
 def test_serve_killed_with_sigkill_leaves_a_readable_tiff_and_restart_never_overwrites(tmp_path):
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "fm2s_stream.cli", "serve", "--source", src, "--publish", pub,
-           "--save", str(tmp_path), "--threads", "1", "--status-every", "0.2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = serve_command("--source", src, "--publish", pub, "--save", str(tmp_path), "--threads", "1",
+                        "--status-every", "0.2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE)
     try:
         ctx = zmq.Context.instance()
         push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
@@ -142,7 +141,7 @@ def test_serve_killed_with_sigkill_leaves_a_readable_tiff_and_restart_never_over
               "every acknowledged frame read back from the TIFF")
     # a restart writes a new file next to it and never touches the old one
     before = files[0].read_bytes()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE)
     try:
         time.sleep(3)
         push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [64, 64], "frame_id": 0,
