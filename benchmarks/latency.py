@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-from collections import defaultdict
 import time
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
