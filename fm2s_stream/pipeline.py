@@ -234,7 +234,7 @@ class Pipeline:
             return None
         try:  # learn after: as the latency policy allows
             channel.remember(prep)
-            plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s)
+            plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s, channel.frames_seen)
             if plan.skipped:
                 with self._lock:
                     self.counts["finetune_skipped"] += 1

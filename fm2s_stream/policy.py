@@ -3,7 +3,9 @@
 Publish first, learn after. After each answer the pipeline asks `plan` and trains by the plan:
 - a channel in its cold start always gets a guaranteed share of the worker's time (COLD_SHARE of it,
   counting the answer's own time), so the cold start finishes even when frames never stop; beyond
-  that it learns until the frame's latency budget is spent or another frame waits;
+  that it learns until the frame's latency budget is spent or another frame waits. Under a backlog of
+  COLD_BACKLOG frames or more the share is taken on every COLD_BACKLOG-th frame only (the same share,
+  in fewer pieces), so the answers in between drain the queue;
 - a ready channel fine-tunes while one step plus one answer still fits the budget and no frame waits,
   at most `max_finetune_steps`; an estimate found over budget decays so that a one-off slow step
   (kernel set-up, a busy moment) does not switch fine-tuning off for good;
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 __all__ = ["COLD_SHARE", "LatencyPolicy", "Plan"]
 
 COLD_SHARE = 0.25  # a cold start gets at least this share of the worker's time while frames keep coming
+COLD_BACKLOG = 4  # with this many frames waiting, a cold start learns on every COLD_BACKLOG-th frame only
 COST_MEMORY = 0.9  # EMA weight of the old estimate of a cost
 OVER_BUDGET_DECAY = 0.9  # an over-budget step estimate shrinks by this per skipped frame, then is re-measured
 
@@ -54,11 +57,16 @@ class LatencyPolicy:
         """Record what one fine-tune step cost."""
         self.step_s = self._smooth(self.step_s, seconds)
 
-    def plan(self, received: float, backlog: int, ready: bool, answer_seconds: float) -> Plan:
+    def plan(self, received: float, backlog: int, ready: bool, answer_seconds: float, frame_index: int = 0) -> Plan:
         """The learning plan after answering a frame received at `received` (clock time) that took
-        `answer_seconds`, with `backlog` frames waiting, for a channel that is `ready` or cold."""
+        `answer_seconds`, with `backlog` frames waiting, for a channel that is `ready` or cold
+        (`frame_index`: the channel's frame count, for the backlog rule)."""
         if not ready:
             share = answer_seconds * COLD_SHARE / (1 - COLD_SHARE)
+            if backlog >= COLD_BACKLOG:
+                if frame_index % COLD_BACKLOG:
+                    return Plan(0)
+                share *= COLD_BACKLOG
             return Plan(max_steps=10**9, deadline=received + self.budget_s, at_least_s=share)
         if backlog > 0 or self.max_finetune_steps <= 0:
             return Plan(0, skipped=self.max_finetune_steps > 0)

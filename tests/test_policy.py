@@ -2,7 +2,7 @@
 
 import pytest
 
-from fm2s_stream.policy import COLD_SHARE, LatencyPolicy
+from fm2s_stream.policy import COLD_BACKLOG, COLD_SHARE, LatencyPolicy
 
 
 def test_a_ready_channel_fine_tunes_only_while_step_and_answer_fit_the_budget():
@@ -25,9 +25,13 @@ def test_backlog_stops_fine_tuning_but_never_the_cold_start():
     policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
     plan = policy.plan(100.0, backlog=5, ready=True, answer_seconds=0.01)
     assert plan.max_steps == 0 and plan.skipped
-    cold = policy.plan(100.0, backlog=50, ready=False, answer_seconds=0.3)
+    cold = policy.plan(100.0, backlog=2, ready=False, answer_seconds=0.3)
     assert cold.max_steps > 0 and cold.at_least_s == pytest.approx(0.3 * COLD_SHARE / (1 - COLD_SHARE))
     assert cold.deadline == pytest.approx(100.05)
+    # a long backlog: the same share, taken on every COLD_BACKLOG-th frame only
+    plans = [policy.plan(100.0, backlog=50, ready=False, answer_seconds=0.3, frame_index=i) for i in range(8)]
+    assert sum(p.at_least_s for p in plans) == pytest.approx(8 * cold.at_least_s)
+    assert sum(p.max_steps > 0 for p in plans) == 8 // COLD_BACKLOG
 
 
 def test_sustainable_fps_is_known_once_both_costs_are_measured():
