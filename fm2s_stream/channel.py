@@ -26,7 +26,7 @@ import torch
 from .calibrate import auto_base, auto_preset, estimate_noise_or_none
 from .devices import download, upload
 from .learner import Learner, cold_start_schedule
-from .ops import gaussian, halve, overlap
+from .ops import gaussian, halve, one_thread, overlap
 from .postprocess import PostProcess
 from .presets import Preset
 from .registration import refine_shift, register_shift
@@ -217,7 +217,8 @@ class Channel:
         if not prep.pair_checked and prep.previous is not None:
             prep.pair_checked = True
             cur, prev = _central(prep.unit, PAIR_SIDE), _central(prep.previous, PAIR_SIDE)
-            prep.pair = aligned_pair(cur, prev, self.config.motion_threshold)
+            with one_thread(self.device.type == "cpu"):  # small operations: see ops.one_thread
+                prep.pair = aligned_pair(cur, prev, self.config.motion_threshold)
             if prep.pair is None:
                 self.motion_rejects += 1
         return prep.pair

@@ -11,6 +11,7 @@ import torch
 
 from .anchor import anchor
 from .calibrate import NoiseEstimate
+from .ops import one_thread
 from .stages import StageClock
 from .temporal import TemporalAverage
 
@@ -40,11 +41,12 @@ class PostProcess:
         if network and self._classical:
             self.average.reset()
         self._classical = not network
-        if network:
-            out = anchor(out, raw, self.anchor_sigma)
-            self.clock.lap("anchoring")
-        result = self.average.apply(raw, out, position)
-        self.clock.lap("averaging")
+        with one_thread(raw.device.type == "cpu"):
+            if network:
+                out = anchor(out, raw, self.anchor_sigma)
+                self.clock.lap("anchoring")
+            result = self.average.apply(raw, out, position)
+            self.clock.lap("averaging")
         return result
 
     def reset(self) -> None:
