@@ -99,7 +99,9 @@ def transient(args: argparse.Namespace) -> dict[str, Any]:
     # the averaging stage alone: the same network outputs (of the `average 1` run), averaged afterwards,
     # so the network's own run-to-run differences do not blur the comparison
     avg = TemporalAverage(8)
-    runs["average 8 on the average-1 outputs"] = [avg.apply(r, d)[0] for r, d in zip(raws, runs["average 1"])]
+    tensor = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    runs["average 8 on the average-1 outputs"] = [avg.apply(tensor(r), tensor(d))[0].numpy().astype(float)
+                                                  for r, d in zip(raws, runs["average 1"])]
     for label, px in runs.items():
 
         def shown(t: int, m: np.ndarray, before: int, px: list[np.ndarray] = px) -> float:

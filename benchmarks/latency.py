@@ -103,17 +103,20 @@ def run(size: int, channels: int, finetune: bool, fps: float, n: int, device: st
     th.start()
     time.sleep(0.3)
     fid = 0
-    # warm-up: until every channel answers with its network (cold start done)
-    end = time.monotonic() + 120
+    # warm-up: until every channel answers with its network (cold start done), at 4 frames per second
+    # per channel, so that a slow cold start does not leave a backlog for the measured phase
+    end = time.monotonic() + 180
     while (time.monotonic() < end and not all(
         m.ready for m in service.pipeline.channels.values()
     )) or len(service.pipeline.channels) < channels:
         for c in range(channels):
             push.send_multipart(encode(Frame(distinct[c][fid % 6], channel=f"c{c}", frame_id=fid)), copy=False)
             fid += 1
-        time.sleep(0.05)
-    while len(got) < fid and time.monotonic() < end:
+        time.sleep(0.25)
+    drained = time.monotonic() + 60
+    while len(got) < fid and time.monotonic() < drained:
         time.sleep(0.02)
+    time.sleep(1.0)  # a few fine-tune steps on the last warm-up frames, then a quiet start
     first = fid
     counts0 = dict(service.pipeline.counts)
     for ch in service.pipeline.channels.values():

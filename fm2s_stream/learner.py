@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -28,6 +30,20 @@ TILE = 256  # CPU inference tile side, measured fastest (2 cores, bf16): 512^2 w
 # / 512: 9.5 / 6.8 / 13.6 ms; 1024^2 whole 38.5 ms, tiles 37.4 / 28.2 / 66.0 ms (large frames fall out of cache)
 WHOLE_MAX_PIXELS = (TILE + 2 * HALO) ** 2  # CPU frames up to one tile (with its margin) run whole
 STAGE1_CROP = 512  # stage 1 of a cold start runs on the full frame up to this side, on such crops beyond
+
+
+_TILE_POOL: ThreadPoolExecutor | None = None
+_TILE_POOL_LOCK = threading.Lock()
+
+
+def _tile_pool() -> ThreadPoolExecutor:
+    """Threads that run CPU inference tiles side by side, one torch thread each (created on first use)."""
+    global _TILE_POOL
+    with _TILE_POOL_LOCK:
+        if _TILE_POOL is None:
+            _TILE_POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()),
+                                            thread_name_prefix="fm2s-tile")
+        return _TILE_POOL
 
 
 def cold_start_schedule(steps: int, crop: int | None = None) -> Schedule:
@@ -99,26 +115,43 @@ class Learner:
 
         On the CPU frames larger than a tile are run tile by tile, each with a HALO-pixel margin of
         frame around it (the network's receptive field; at the frame's edges the convolutions pad as
-        they do on the whole frame), so the result is the whole-frame answer, computed in cache; on a
-        GPU the whole frame runs at once.
+        they do on the whole frame), so the result is the whole-frame answer, computed in cache. The
+        tiles run on as many threads as torch has, one torch thread each: whole tiles in parallel
+        instead of every convolution split across cores and waiting for both (measured at 512x512:
+        8.3 vs 17.7 ms; 1024x1024: 26.4 vs 30.2 ms). On a GPU the whole frame runs at once.
         """
         if self._inference_net is None:
             one = collapse_for_inference(self.net).to(self.inference_dtype)
             self._inference_net = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         net = self._inference_net
         h, w = unit.shape
-        with torch.inference_mode():
-            x = unit.to(self.inference_dtype)[None, None]
-            if self.device.type != "cpu" or h * w <= WHOLE_MAX_PIXELS:
+        x = unit.to(self.inference_dtype)[None, None]
+        if self.device.type != "cpu" or h * w <= WHOLE_MAX_PIXELS:
+            with torch.inference_mode():
                 return net(x.contiguous(memory_format=torch.channels_last))[0, 0].float()
-            out = torch.empty((h, w), dtype=torch.float32)
-            for y in range(0, h, TILE):
-                for x0 in range(0, w, TILE):
-                    y1, x1 = min(h, y + TILE), min(w, x0 + TILE)
-                    ya, xa = max(0, y - HALO), max(0, x0 - HALO)
-                    tile = x[:, :, ya : min(h, y1 + HALO), xa : min(w, x1 + HALO)].contiguous()
-                    out[y:y1, x0:x1] = net(tile)[0, 0, y - ya : y - ya + y1 - y, x0 - xa : x0 - xa + x1 - x0]
+        out = torch.empty((h, w), dtype=torch.float32)
+
+        def run(tile: tuple[int, int]) -> None:
+            y, x0 = tile
+            y1, x1 = min(h, y + TILE), min(w, x0 + TILE)
+            ya, xa = max(0, y - HALO), max(0, x0 - HALO)
+            with torch.inference_mode():
+                part = net(x[:, :, ya : min(h, y1 + HALO), xa : min(w, x1 + HALO)].contiguous())
+                out[y:y1, x0:x1] = part[0, 0, y - ya : y - ya + y1 - y, x0 - xa : x0 - xa + x1 - x0]
+
+        tiles = [(y, x0) for y in range(0, h, TILE) for x0 in range(0, w, TILE)]
+        threads = torch.get_num_threads()
+        if threads == 1:
+            for tile in tiles:
+                run(tile)
             return out
+        pool = _tile_pool()
+        torch.set_num_threads(1)
+        try:
+            list(pool.map(run, tiles))
+        finally:
+            torch.set_num_threads(threads)
+        return out
 
     # -- learning ----------------------------------------------------------------------------------
     def cold_step(self, unit: torch.Tensor) -> float:

@@ -33,6 +33,7 @@ __all__ = ["FrameSource", "Pipeline", "PipelineConfig", "default_threads"]
 log = logging.getLogger(__name__)
 PREVIEW_STARVATION_S = 0.2  # under backlog the preview still gets a frame at least this often
 FPS_WINDOW = 100  # frames over which the streaming rate is measured
+IDLE_POLL_S = 0.001  # with cold starts pending, a quiet queue this long is idle time for them
 
 
 def default_threads() -> int:
@@ -176,7 +177,7 @@ class Pipeline:
         cold: dict[str, tuple[Channel, Prepared]] = {}
         while True:
             try:
-                frame = self._queue.get(timeout=0.01 if cold else 0.2)
+                frame = self._queue.get(timeout=IDLE_POLL_S if cold else 0.2)
             except queue.Empty:
                 if cold:  # idle: finish cold starts, the most recently active channel first
                     name = next(reversed(cold))

@@ -4,8 +4,9 @@ Convention everywhere: a shift (dy, dx) means cur[y, x] ~ ref[y - dy, x - dx] (t
 +dy, +dx). `register_shift` finds the integer shift by phase correlation; `refine_shift` picks the
 best integer shift around it; `subpixel_shift` refines it to ~0.05 px with Lucas-Kanade steps on
 half-resolution, blurred copies (65k equations for two unknowns at 512x512, so noise averages out).
-Frames larger than WORK_SIDE are block-averaged down to it first: a 2048x2048 frame is registered
-as 1024x1024 2x2 block means (still ~65k equations at half of that), so its cost stays that of 1024x1024.
+Frames larger than WORK_SIDE are block-averaged down to it first (a 2048x2048 frame is registered
+on 4x4 block means, still 65k equations at half of that), so the cost stays that of a 512x512 frame
+and the precision ~0.05 px of the blocks.
 Sub-pixel moves themselves are `ops.shift_fraction` (Lanczos-3).
 """
 
@@ -17,7 +18,7 @@ from .ops import GAUSS1, gaussian, halve, overlap, separable, shift_fraction
 
 __all__ = ["WORK_SIDE", "refine_shift", "register_shift", "subpixel_shift"]
 
-WORK_SIDE = 1024  # frames are block-averaged until their shorter side is at most this before registration
+WORK_SIDE = 512  # frames are block-averaged until their shorter side is at most this before registration
 
 
 def register_shift(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:

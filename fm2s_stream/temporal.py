@@ -91,6 +91,51 @@ def _update_numba(changed: np.ndarray, box: np.ndarray, out: np.ndarray, raw: np
     return sums.sum() / (h * w)
 
 
+@numba.njit(parallel=True, cache=True)
+def _hits_numba(diff: np.ndarray, sd: np.ndarray, d9: np.ndarray, wide: np.ndarray, c9: np.float32,
+                t3: np.float32, t9: np.float32, t30: np.float32, has_wide: bool,
+                count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The fused CPU kernel of `_hits`: all three scales' tests in one pass (float32 as torch does them)."""
+    h, w = diff.shape
+    hw, ww = wide.shape
+    changed = np.empty((h, w), np.bool_)
+    per_row = np.zeros((h, 3), np.int64)
+    for i in numba.prange(h):
+        wi = min(i // 4, hw - 1)
+        n3 = 0
+        n9 = 0
+        n30 = 0
+        for j in range(w):
+            s = sd[i, j]
+            a = abs(diff[i, j] / s) > t3
+            b = abs(d9[i, j] / (s * c9)) > t9
+            c = has_wide and abs(wide[wi, min(j // 4, ww - 1)]) > t30
+            n3 += a
+            n9 += b
+            n30 += c
+            changed[i, j] = count[i, j] < 1 or a or b or c
+        per_row[i, 0] = n3
+        per_row[i, 1] = n9
+        per_row[i, 2] = n30
+    return changed, per_row.sum(axis=0)
+
+
+@numba.njit(parallel=True, cache=True)
+def _dilate_numba(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """3x3 binary dilation, edges repeated (what a 3x3 box filter > 0 gives)."""
+    h, w = mask.shape
+    across = np.empty((h, w), np.bool_)
+    for i in numba.prange(h):
+        for j in range(w):
+            across[i, j] = mask[i, j] or mask[i, max(j - 1, 0)] or mask[i, min(j + 1, w - 1)]
+    out = np.empty((h, w), np.bool_)
+    for i in numba.prange(h):
+        up, down = max(i - 1, 0), min(i + 1, h - 1)
+        for j in range(w):
+            out[i, j] = across[i, j] or across[up, j] or across[down, j]
+    return out
+
+
 @dataclass
 class _State:
     raw: torch.Tensor  # running average of the 3x3-averaged raw frame (camera units, float32)
@@ -253,33 +298,70 @@ class TemporalAverage:
     def _changed(self, box: torch.Tensor, state: _State) -> tuple[torch.Tensor, float]:
         """Pixels whose 3x3 (~9x9, ~30x30) raw mean left its running average by more than the noise
         explains, and pixels without history; and the fraction of the frame changed at 3x3 (the
-        coarser scales mark the surroundings of any local change, so they do not decide scene changes)."""
+        coarser scales mark the surroundings of any local change, so they do not decide scene changes).
+
+        Each scale's threshold comes from its robust spread (learnt on static frames; this frame's is
+        measured on one sample per 4x4 block), so the thresholds are known before the one pass that
+        marks the hits of all scales at once (`_hits`).
+        """
         diff, sd = self._residuals(box, state)
-        changed = state.count < 1
-        quiet, fine, finer = True, 0.0, 1.0
-        scales = [("3x3", diff / sd), ("9x9", separable(diff, BOX7, BOX7) / (sd * WIDE_VARIANCE**0.5))]
-        if min(diff.shape) >= 64:
+        h, w = diff.shape
+        d9 = separable(diff, BOX7, BOX7)
+        c9 = WIDE_VARIANCE**0.5
+        samples = [("3x3", diff[::4, ::4] / sd[::4, ::4]), ("9x9", d9[::4, ::4] / (sd[::4, ::4] * c9))]
+        wide = None
+        if min(h, w) >= 64:
             quarter = lambda a: halve(halve(a))  # noqa: E731 - 4x4 block means
             wide = separable(quarter(diff), BOX7, BOX7) / (quarter(sd) * REGION_VARIANCE**0.5)
-            scales.append(("30x30", _expand(wide, diff.shape)))
-        for scale, z in scales:
-            current = 1.4826 * float(z[::4, ::4].abs().median())  # (one sample per 4x4 block)
+            rows = torch.clamp(torch.arange(0, h, 4, device=diff.device) // 4, max=wide.shape[0] - 1)
+            cols = torch.clamp(torch.arange(0, w, 4, device=diff.device) // 4, max=wide.shape[1] - 1)
+            samples.append(("30x30", wide[rows][:, cols]))
+        currents, spreads, finer = [], [], 1.0
+        for scale, z in samples:
+            current = 1.4826 * float(z.abs().median())
             if self.noise is not None:
                 # correlated noise and model error only ever add spread, and more so at coarser scales;
                 # a coarse scale has few independent samples per frame, so its estimate is floored
                 current = min(max(current, finer), 5.0)
             spread = self.spread.get(scale, current)
             finer = spread
-            hit = z.abs() > self.threshold * max(spread, 1e-12)
-            fraction = float(hit.float().mean())
+            currents.append(current)
+            spreads.append(spread)
+        thresholds = [self.threshold * max(sp, 1e-12) for sp in spreads] + [0.0] * (3 - len(spreads))
+        changed, counts = self._hits(diff, sd, d9, wide, thresholds, c9, state.count)
+        quiet, fine = True, 0.0
+        for (scale, _), current, spread, count in zip(samples, currents, spreads, counts):
+            fraction = count / diff.numel()
             fine = fraction if scale == "3x3" else fine
             quiet = quiet and fraction < 0.05
-            changed |= hit
             if quiet:  # a (nearly) static frame teaches what the noise looks like at this scale
                 self.spread[scale] = current if scale not in self.spread else 0.9 * spread + 0.1 * current
         if fine < 0.05 and (self.frames < 16 or self.frames % 4 == 0):  # settles fast, then drifts slowly
             self._learn_noise_model(diff, state, ~changed)
-        return separable(changed.float(), BOX3, BOX3) > 0, fine  # dilated by one pixel
+        return self._dilate(changed), fine
+
+    def _hits(self, diff: torch.Tensor, sd: torch.Tensor, d9: torch.Tensor, wide: torch.Tensor | None,
+              thresholds: list[float], c9: float, count: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(pixels without history or beyond a scale's threshold; the number of hits per scale)."""
+        if diff.device.type == "cpu" and not self.torch_only:
+            small = wide if wide is not None else torch.zeros((1, 1))
+            mask, n = _hits_numba(diff.numpy(), sd.numpy(), d9.numpy(), small.contiguous().numpy(), np.float32(c9),
+                                  np.float32(thresholds[0]), np.float32(thresholds[1]), np.float32(thresholds[2]),
+                                  wide is not None, count.numpy())
+            return torch.from_numpy(mask), [int(v) for v in n[: 3 if wide is not None else 2]]
+        hits = [(diff / sd).abs() > thresholds[0], (d9 / (sd * c9)).abs() > thresholds[1]]
+        if wide is not None:
+            hits.append(_expand(wide, diff.shape).abs() > thresholds[2])
+        changed = count < 1
+        for hit in hits:
+            changed |= hit
+        return changed, [int(torch.count_nonzero(hit)) for hit in hits]
+
+    def _dilate(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mask grown by one pixel (3x3, edges repeated)."""
+        if mask.device.type == "cpu" and not self.torch_only:
+            return torch.from_numpy(_dilate_numba(mask.numpy()))
+        return separable(mask.float(), BOX3, BOX3) > 0
 
 
 def _central_crop(raw: torch.Tensor, side: int = 512) -> np.ndarray:

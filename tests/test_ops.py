@@ -31,6 +31,10 @@ def test_gaussian_is_scipys_in_torch_too(sigma):
                                atol=1e-5)
 
 
+def test_halve_is_the_same_in_numba_and_torch():
+    np.testing.assert_allclose(ops.halve(IMG).numpy(), ops.halve(IMG, torch_only=True).numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize("size", [3, 11])
 def test_median_is_scipys_in_torch_too(size):
     np.testing.assert_array_equal(ops.median(IMG, size).numpy(), ops.median(IMG, size, torch_only=True).numpy())
