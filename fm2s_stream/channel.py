@@ -142,6 +142,7 @@ class Channel:
         self.shape_changes = 0
         self.scaling: Scaling | None = None
         self.shape: tuple[int, int] | None = None
+        self.dtype: str | None = first_frame.dtype.str if first_frame is not None else None
         self._previous: dict[tuple[int, int], torch.Tensor] = {}
         self._cold_frame: torch.Tensor | None = None  # the frame the cold start trains on (its first)
 
@@ -169,6 +170,7 @@ class Channel:
             self._previous.clear()
             self.post.reset()
         self.shape = shape
+        self.dtype = pixels.dtype.str
         self.frames_seen += 1
         self.clock.start()
         camera = upload(pixels, self.device)
@@ -260,6 +262,47 @@ class Channel:
         self.learner.set_preset(old.with_noise(mix(old.k_g, new.k_g), mix(old.k_p, new.k_p),
                                                mix(old.lambda_p, new.lambda_p)))
         return True
+
+    # -- persistent state --------------------------------------------------------------------------
+    def learnt(self) -> tuple[dict[str, object], dict[str, object]]:
+        """(tensors, metadata) of what this channel has learnt, for a `StateStore`; metadata is JSON-ready."""
+        p = self.learner.preset
+        meta: dict[str, object] = {
+            "channel": self.name, "n_chan": p.n_chan, "base": self.base,
+            "preset": {"name": p.name, "n_chan": p.n_chan, "stride": p.stride, "w_size": p.w_size,
+                       "k_g": p.k_g, "k_p": p.k_p, "lambda_p": p.lambda_p},
+            "scaling": None if self.scaling is None else [self.scaling.black, self.scaling.white],
+            "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
+            "frames_seen": self.frames_seen, "steps": self.learner.steps, "ready": self.ready,
+        }
+        return self.learner.tensors(), meta
+
+    def resume(self, tensors: dict[str, object], meta: dict[str, object], dtype: str) -> str | None:
+        """Continue from an earlier run's state; None if taken, else why not (the channel stays cold).
+
+        Compatible means: a finished cold start, the same number of network channels (the noise base),
+        and the same pixel dtype (the intensity scaling and noise levels are in its units). The frame
+        shape may differ: the network is fully convolutional; the scaling then re-adapts as usual.
+        """
+        if not meta.get("ready"):
+            return "the saved channel had not finished its cold start"
+        if meta.get("n_chan") != self.learner.net.n_chan:
+            return f"saved network has {meta.get('n_chan')} input channels, this channel's noise base needs " \
+                   f"{self.learner.net.n_chan}"
+        if meta.get("dtype") != dtype:
+            return f"saved for {meta.get('dtype')} frames, these are {dtype}"
+        try:
+            self.learner.load_tensors(tensors)
+        except (KeyError, RuntimeError, TypeError, ValueError, AssertionError) as exc:
+            return f"weights do not fit: {exc}"
+        preset = meta.get("preset")
+        if isinstance(preset, dict):
+            self.learner.set_preset(self.learner.preset.with_noise(float(preset["k_g"]), float(preset["k_p"]),
+                                                                   float(preset["lambda_p"])))
+        scaling = meta.get("scaling")
+        if isinstance(scaling, list) and len(scaling) == 2:
+            self.scaling = Scaling(float(scaling[0]), float(scaling[1]))
+        return None
 
     def stats(self) -> dict[str, object]:
         """Counters for status lines and reports."""

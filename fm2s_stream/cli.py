@@ -80,7 +80,7 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal, average_frames=args.average,
         cold_start_steps=args.cold_start_steps, cold_start=args.cold_start,
         allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
-        curve=Path(args.curve) if args.curve else None,
+        curve=Path(args.curve) if args.curve else None, state=Path(args.state) if args.state else None,
     )
 
 
@@ -113,6 +113,34 @@ def _secure_client(sock, curve: str | None) -> None:  # type: ignore[no-untyped-
         from .adapters.curve import CurveKeys, secure_client
 
         secure_client(sock, CurveKeys(curve))
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """List what a state directory holds: channel, frames and steps learnt, when saved, noise parameters."""
+    from .state import StateStore
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        print(f"error: {directory} is not a directory", file=sys.stderr)
+        return 2
+    rows = StateStore(directory, read_only=True).entries()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    print(f"{'channel':<20} {'frames':>7} {'steps':>7} {'dtype':>5} {'shape':>11} {'saved':<19} "
+          "noise (k_g k_p lambda_p)")
+    for row in rows:
+        if "problem" in row:
+            print(f"{row['file']:<20} unusable: {row['problem']}")
+            continue
+        p = row.get("preset") or {}
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("saved_at", 0)))
+        shape = "x".join(map(str, row.get("shape") or [])) or "-"
+        print(f"{row.get('channel', '?')!s:<20} {row.get('frames_seen', 0):>7} {row.get('steps', 0):>7} "
+              f"{row.get('dtype', '-')!s:>5} {shape:>11} {saved:<19} "
+              f"{p.get('k_g', 0):.1f} {p.get('k_p', 0):.1f} {p.get('lambda_p', 0):.1f}")
+    return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -285,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
     p.add_argument("--cold-start-steps", "--bootstrap-steps", dest="cold_start_steps", type=int,
                    default=d.cold_start_steps, help="training steps of a channel's cold start")
+    p.add_argument("--state", default=None, metavar="DIR",
+                   help="keep what each channel learnt in DIR: known channels start warm next time")
     p.add_argument("--average", type=int, default=d.average_frames, metavar="N",
                    help="average what did not change over up to N outputs, after registering the stage "
                         "drift (restarts where the sample changes); 1 = off, e.g. for fast calcium transients")
@@ -334,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="create CurveZMQ key pairs for remote use")
     p.add_argument("directory", help="new (or empty) directory for the keys")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("state", help="list the channel states kept in a --state directory")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.set_defaults(func=cmd_state)
     return ap
 
 

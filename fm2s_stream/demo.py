@@ -101,6 +101,7 @@ def run_demo(
     say: Callable[[str], None] = print,
     cold_start_steps: int = DEMO_COLD_START_STEPS,
     average_frames: int | None = None,
+    state: Path | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its report (also written to report.json in the run directory).
 
@@ -127,7 +128,7 @@ def run_demo(
         truth[i] = gt
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
-                             cold_start_steps=cold_start_steps, device=device, seed=seed)
+                             cold_start_steps=cold_start_steps, device=device, seed=seed, state=state)
     if budget_ms is not None:
         options.budget_ms = budget_ms
     if threads is not None:
@@ -247,12 +248,15 @@ def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
     p.add_argument("--budget-ms", type=float, default=d.budget_ms)
     p.add_argument("--average", type=int, default=d.average_frames, metavar="N", help="as for serve; 1 = off")
+    p.add_argument("--state", default=None, metavar="DIR",
+                   help="as for serve: a second demo run with the same DIR starts both channels warm")
     add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), args.seconds, args.fps, args.size, args.preset, args.budget_ms,
                  args.threads, args.device, args.seed, say=lambda m: print(m, file=sys.stdout, flush=True),
-                 cold_start_steps=args.cold_start_steps, average_frames=args.average)
+                 cold_start_steps=args.cold_start_steps, average_frames=args.average,
+                 state=Path(args.state) if args.state else None)
         return 0
 
     p.set_defaults(func=run)

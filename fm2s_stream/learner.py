@@ -200,6 +200,32 @@ class Learner:
             self.snapshot()
         return loss
 
+    # -- persistent state --------------------------------------------------------------------------
+    def tensors(self) -> dict[str, object]:
+        """What the network has learnt: weights, optimiser moments (CPU copies), step counts."""
+        to_cpu = lambda d: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}  # noqa: E731
+        opt = self.trainer.optimizer.state_dict()
+        return {"net": to_cpu(self.net.state_dict()),
+                "opt": {"state": {k: to_cpu(v) for k, v in opt["state"].items()}, "param_groups": opt["param_groups"]},
+                "steps": self.steps, "temporal_steps": self.temporal_steps}
+
+    def load_tensors(self, state: dict[str, object]) -> None:
+        """Continue from `tensors()` of an earlier run (raises on a shape mismatch; nothing is half-loaded)."""
+        net_state = {k: v.to(self.device) for k, v in state["net"].items()}  # type: ignore[attr-defined]
+        probe = copy.deepcopy(self.net)
+        probe.load_state_dict(net_state)  # validates names and shapes before anything changes
+        self.net.load_state_dict(net_state)
+        opt = state["opt"]
+        assert isinstance(opt, dict)
+        opt_state = {int(k): {n: (t.to(self.device) if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+                     for k, v in opt["state"].items()}
+        self.trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
+        self.steps = max(int(state["steps"]), self.schedule.total_steps)  # type: ignore[call-overload]
+        self.temporal_steps = int(state.get("temporal_steps", 0))  # type: ignore[call-overload]
+        self._inference_net = None
+        self._cold_target = None
+        self.snapshot()
+
     # -- snapshots ---------------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         return copy.deepcopy(self.net.state_dict()), copy.deepcopy(self.trainer.optimizer.state_dict())

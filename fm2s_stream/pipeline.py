@@ -27,6 +27,7 @@ from .channel import Channel, ChannelConfig, Prepared, warm_up
 from .frame import Frame, FrameError, Result
 from .policy import LatencyPolicy, Plan
 from .sinks import FrameSink, SinkRelay
+from .state import StateError, StateStore
 
 __all__ = ["FrameSource", "Pipeline", "PipelineConfig", "default_threads"]
 
@@ -62,6 +63,8 @@ class PipelineConfig:
     threads: int = field(default_factory=default_threads)
     init_from_first_channel: bool = False
     cold_start: str = "classical"  # "classical": answer with the pre-denoiser meanwhile; "wait": train first
+    state_dir: str | None = None  # learnt channel state kept here between runs (StateStore); None = not kept
+    save_state_every_s: float = 120.0  # while streaming, ready channels are saved this often (and at stop)
 
 
 class Pipeline:
@@ -88,6 +91,9 @@ class Pipeline:
         self.started_at = 0.0
         self._running = False
         self.policy = LatencyPolicy(config.budget_ms, config.max_finetune_steps)
+        self.state = StateStore(config.state_dir) if config.state_dir else None
+        self.state_loaded: dict[str, str] = {}  # channel -> "resumed" or why its saved state was not used
+        self._last_save = time.monotonic()
         self._out_times: deque[float] = deque(maxlen=FPS_WINDOW)  # when the last results were emitted
         self.max_frame_bytes = 0
         self._last_preview = 0.0
@@ -117,6 +123,7 @@ class Pipeline:
         self._queue.put(None)
         self._worker.join(timeout)
         self._running = False
+        self.save_state()
         for relay in self.relays + self.preview_relays:
             relay.close(timeout)
 
@@ -165,11 +172,54 @@ class Pipeline:
         channel = self.channels.get(name)
         if channel is None:
             channel = Channel(name, self.config.channel, first_frame=first_frame)
-            donor = next(iter(self.channels.values()), None) if self.config.init_from_first_channel else None
-            warm = donor is not None and channel.learner.warm_from(donor.learner)
+            if self._resume(channel, first_frame):
+                how = "resumed from its saved state"
+            else:
+                donor = next(iter(self.channels.values()), None) if self.config.init_from_first_channel else None
+                warm = donor is not None and channel.learner.warm_from(donor.learner)
+                how = f"warm from {donor.name}" if warm and donor else "cold start"
             self.channels[name] = channel
-            log.info("new channel %r (%s)", name, f"warm from {donor.name}" if warm and donor else "cold start")
+            log.info("new channel %r (%s)", name, how)
         return channel
+
+    def _resume(self, channel: Channel, first_frame: np.ndarray | None) -> bool:
+        """Continue the channel from its saved state when there is a usable one (else it starts cold)."""
+        if self.state is None:
+            return False
+        try:
+            saved = self.state.load(channel.name)
+        except StateError as exc:
+            self.state_loaded[channel.name] = str(exc)
+            log.warning("channel %r starts cold: %s", channel.name, exc)
+            return False
+        if saved is None:
+            return False
+        dtype = first_frame.dtype.str if first_frame is not None else ""
+        why = channel.resume(saved[0], saved[1], dtype)
+        self.state_loaded[channel.name] = why or "resumed"
+        if why:
+            log.warning("channel %r starts cold: %s: %s", channel.name, self.state.path_for(channel.name), why)
+        return why is None
+
+    def save_state(self) -> int:
+        """Save every channel that has finished its cold start; returns how many were saved."""
+        if self.state is None:
+            return 0
+        saved = 0
+        for channel in list(self.channels.values()):
+            if channel.ready:
+                try:
+                    tensors, meta = channel.learnt()
+                except Exception:
+                    log.exception("could not snapshot channel %r for saving", channel.name)
+                    continue
+                saved += self.state.save(channel.name, tensors, meta)
+        self._last_save = time.monotonic()
+        return saved
+
+    def _save_if_due(self) -> None:
+        if self.state is not None and time.monotonic() - self._last_save >= self.config.save_state_every_s:
+            self.save_state()
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
@@ -179,6 +229,7 @@ class Pipeline:
             try:
                 frame = self._queue.get(timeout=IDLE_POLL_S if cold else 0.2)
             except queue.Empty:
+                self._save_if_due()  # periodic saves go into idle time
                 if cold:  # idle: finish cold starts, the most recently active channel first
                     name = next(reversed(cold))
                     channel, prep = cold[name]
@@ -193,6 +244,8 @@ class Pipeline:
                 cold.pop(done[0].name, None)
                 if not done[0].ready:
                     cold[done[0].name] = done
+            if self._queue.empty():
+                self._save_if_due()  # a stream that never idles still saves, after a frame, when none waits
         log.debug("worker drained")
 
     def _answer(self, frame: Frame) -> tuple[Result, Channel | None, Prepared | None]:
@@ -330,6 +383,9 @@ class Pipeline:
             "queue": self.depth,
             "sustainable_fps": self.sustainable_fps(),
             "channels": {name: c.stats() for name, c in self.channels.items()},
+            "state": None if self.state is None else {
+                "dir": str(self.state.directory), "writable": self.state.writable, "saved": self.state.saved,
+                "save_failures": self.state.save_failures, "loaded": dict(self.state_loaded)},
             "sinks": {r.sink.name: r.stats() for r in self.relays + self.preview_relays},
         }
 

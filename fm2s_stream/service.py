@@ -58,6 +58,7 @@ class ServiceOptions:
     allow_remote: bool = False
     queue_size: int = PipelineConfig.queue_size
     max_finetune_steps: int = PipelineConfig.max_finetune_steps
+    state: Path | None = None  # learnt channel state kept here between runs (`--state DIR`)
     curve: Path | None = None  # CurveZMQ key directory (`fm2s-stream keys`): encrypt + authenticate
     extra_channel: dict[str, Any] = field(default_factory=dict)
 
@@ -89,7 +90,8 @@ class StreamService:
             **o.extra_channel,
         )
         config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads, queue_size=o.queue_size,
-                                max_finetune_steps=o.max_finetune_steps, cold_start=o.cold_start)
+                                max_finetune_steps=o.max_finetune_steps, cold_start=o.cold_start,
+                                state_dir=str(o.state) if o.state else None)
         self.tiffs: list[TiffSink] = []
         if o.save is not None:
             kinds = ("denoised", "raw") if o.save_kind == "both" else (o.save_kind,)

@@ -279,9 +279,13 @@ def test_subscriber_reconnecting_and_source_restarting_lose_nothing(tmp_path):
     time.sleep(0.3)
     for i in range(20, 40):
         client.send(Frame(frames[i % 4], channel="c", t=i, frame_id=i))
+    # wait until the PUSH sink itself has handled frame 39 (counted as emitted is earlier: it still passes
+    # the disk and the relay), else it can reach the subscriber that connects next (flaky before)
     deadline = time.monotonic() + 60
-    while service.pipeline.counts["out"] < 40 and time.monotonic() < deadline:
+    handled = lambda: service.push.sent + service.push.no_receiver  # noqa: E731
+    while handled() < 40 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert handled() == 40, service.push.stats()
     client.push.close(0)
     again = Client(service)  # ... and comes back; the upstream restarts too: new socket, ids and t from 0
     for i in range(20):

@@ -1,0 +1,104 @@
+"""Persistent channel state: a known channel starts warm; bad state never costs a frame."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from fm2s_stream.channel import ChannelConfig
+from fm2s_stream.cli import main
+from fm2s_stream.frame import Frame
+from fm2s_stream.pipeline import Pipeline, PipelineConfig
+from fm2s_stream.presets import get_preset
+from fm2s_stream.sinks import MemorySink
+from fm2s_stream.state import StateStore
+from tests.streamkit import fault_row, noisy_frames
+
+FAST = dict(cold_start_steps=12, cold_start_crop=32, finetune_crop=32)
+
+
+def run(state_dir, frames, channel="GFP", cold_start="wait", **kw):
+    sink = MemorySink()
+    config = PipelineConfig(ChannelConfig(get_preset("confocal"), **FAST), threads=1, cold_start=cold_start,
+                            state_dir=str(state_dir), **kw)
+    with Pipeline(config, [sink]) as pipe:
+        for i, f in enumerate(frames):
+            pipe.submit(Frame(f, channel=channel, t=i, frame_id=i))
+    return pipe, [r.status for r in sink.results]
+
+
+def test_a_known_channel_is_network_denoised_from_its_first_frame(tmp_path):
+    frames = noisy_frames(6)
+    first, _ = run(tmp_path, frames)
+    assert first.stats()["state"]["saved"] >= 1
+    second, statuses = run(tmp_path, frames[:3], cold_start="classical")
+    assert statuses == ["denoised"] * 3, statuses
+    assert second.state_loaded == {"GFP": "resumed"}
+    learnt = second.channels["GFP"].learner
+    assert learnt.steps >= first.channels["GFP"].learner.steps  # it continues from where the first run stopped
+    saved = torch.load(StateStore(tmp_path).path_for("GFP"), weights_only=True)
+    assert set(saved["tensors"]["net"]) == set(learnt.net.state_dict())
+
+
+def test_state_listing_names_the_channel(tmp_path, capsys):
+    run(tmp_path, noisy_frames(3), channel="mCherry 561")
+    assert main(["state", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mCherry 561" in out and "<u2" in out
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign version", "other dtype", "pickle"])
+def test_bad_state_warns_and_the_channel_starts_cold_losing_nothing(tmp_path, damage, caplog):
+    frames = noisy_frames(4)
+    run(tmp_path, frames)
+    path = StateStore(tmp_path).path_for("GFP")
+    if damage == "corrupt":
+        path.write_bytes(os.urandom(2000))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "foreign version":
+        data = torch.load(path, weights_only=True)
+        data["meta"] = data["meta"].replace('"format": 1', '"format": 99')
+        torch.save(data, path)
+    elif damage == "pickle":  # an object the safe loader must refuse (it would run code when unpickled)
+        torch.save({"meta": "{}", "tensors": {}, "evil": os.system}, path)
+    frames_in = frames if damage != "other dtype" else [(f // 256).astype(np.uint8) for f in frames]
+    pipe, statuses = run(tmp_path, frames_in, cold_start="classical")
+    assert len(statuses) == len(frames_in) and "raw" not in statuses  # every frame answered
+    reason = pipe.state_loaded["GFP"]
+    assert reason != "resumed" and (str(path) in reason or damage == "other dtype"), reason
+    assert any("starts cold" in r.message for r in caplog.records)
+    why = reason.split(": ", 1)[-1][:48]
+    fault_row(f"state file {damage}", len(frames_in), len(statuses), "-", 0, f"channel cold: {why}")
+
+
+def test_unwritable_state_dir_warns_and_the_stream_runs(tmp_path):
+    if os.geteuid() == 0:
+        target = tmp_path / "file-not-dir"  # root ignores permissions: a path under a regular file fails
+        target.write_text("")
+        state_dir = target / "state"
+    else:
+        state_dir = tmp_path / "ro"
+        state_dir.mkdir()
+        state_dir.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    pipe, statuses = run(state_dir, noisy_frames(4))
+    assert statuses == ["denoised"] * 4
+    report = pipe.stats()["state"]
+    assert report["writable"] is False and report["saved"] == 0
+    fault_row("state dir not writable", 4, len(statuses), "-", 0, "warned at start; nothing saved; stream ran")
+
+
+def test_a_save_killed_midway_leaves_the_previous_state_loadable(tmp_path):
+    frames = noisy_frames(4)
+    run(tmp_path, frames)
+    store = StateStore(tmp_path)
+    good = store.path_for("GFP").read_bytes()
+    # what SIGKILL during a save leaves: a partial temporary file next to the untouched state file
+    partial = store.path_for("GFP").with_name(f".{store.path_for('GFP').name}.tmp-99999")
+    partial.write_bytes(good[: len(good) // 3])
+    assert store.load("GFP") is not None
+    _, statuses = run(tmp_path, frames[:2], cold_start="classical")
+    assert statuses == ["denoised"] * 2
+    fault_row("SIGKILL mid-save (partial temp file left)", 2, len(statuses), "-", 0, "previous state loaded")
