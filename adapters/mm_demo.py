@@ -89,7 +89,8 @@ def build_core(channels: Sequence[str] = ("GFP", "mCherry"), shape: tuple[int, i
 
 
 def run_mm_demo(out: Path, timepoints: int = 20, channels: Sequence[str] = ("GFP", "mCherry"),
-                preset: str = "auto", threads: int = 2, interval_s: float = 0.0) -> dict[str, Any]:
+                preset: str = "auto", threads: int = 2, interval_s: float = 0.0,
+                state_dir: Path | None = None) -> dict[str, Any]:
     """A 2-channel MDA time-lapse from the synthetic camera, denoised live, saved as OME-TIFF."""
     import useq
 
@@ -100,7 +101,8 @@ def run_mm_demo(out: Path, timepoints: int = 20, channels: Sequence[str] = ("GFP
 
     core = build_core(channels)
     sink = TiffSink(out, "denoised", prefix="mm-demo")
-    pipeline = Pipeline(PipelineConfig(channel_config(preset), threads=threads), [sink]).start()
+    config = PipelineConfig(channel_config(preset), threads=threads, state_dir=str(state_dir) if state_dir else None)
+    pipeline = Pipeline(config, [sink]).start()
     source = MMCoreSource(core, block=True)
     source.start(pipeline)
     seq = useq.MDASequence(channels=list(channels),  # type: ignore[arg-type]  # (strings are coerced)

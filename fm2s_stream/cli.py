@@ -247,7 +247,7 @@ def cmd_mm_demo(args: argparse.Namespace) -> int:
 
         run = new_run_dir(Path(args.out))
         report = run_mm_demo(run, args.timepoints, preset=args.preset, threads=args.threads,
-                             interval_s=args.interval)
+                             interval_s=args.interval, state_dir=Path(args.state) if args.state else None)
     except ImportError as exc:
         print(f"error: {exc}; install with: pip install 'fm2s-stream[micromanager]'", file=sys.stderr)
         return 2
@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timepoints", type=int, default=60)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between time points")
+    p.add_argument("--state", default=None, metavar="DIR", help="as for serve: known channels start warm")
     _add_model_args(p)
     p.set_defaults(func=cmd_mm_demo)
 
