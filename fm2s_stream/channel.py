@@ -280,12 +280,11 @@ class Channel:
     def resume(self, tensors: dict[str, object], meta: dict[str, object], dtype: str) -> str | None:
         """Continue from an earlier run's state; None if taken, else why not (the channel stays cold).
 
-        Compatible means: a finished cold start, the same number of network channels (the noise base),
-        and the same pixel dtype (the intensity scaling and noise levels are in its units). The frame
-        shape may differ: the network is fully convolutional; the scaling then re-adapts as usual.
+        Compatible means: the same number of network channels (the noise base) and the same pixel
+        dtype (the intensity scaling and noise levels are in its units). The frame shape may differ:
+        the network is fully convolutional; the scaling then re-adapts as usual. An unfinished cold
+        start continues where it stopped (on this run's first frame).
         """
-        if not meta.get("ready"):
-            return "the saved channel had not finished its cold start"
         if meta.get("n_chan") != self.learner.net.n_chan:
             return f"saved network has {meta.get('n_chan')} input channels, this channel's noise base needs " \
                    f"{self.learner.net.n_chan}"

@@ -220,7 +220,7 @@ class Learner:
         opt_state = {int(k): {n: (t.to(self.device) if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
                      for k, v in opt["state"].items()}
         self.trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
-        self.steps = max(int(state["steps"]), self.schedule.total_steps)  # type: ignore[call-overload]
+        self.steps = int(state["steps"])  # type: ignore[call-overload]  # a cold start continues from here
         self.temporal_steps = int(state.get("temporal_steps", 0))  # type: ignore[call-overload]
         self._inference_net = None
         self._cold_target = None

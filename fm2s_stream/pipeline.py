@@ -202,12 +202,12 @@ class Pipeline:
         return why is None
 
     def save_state(self) -> int:
-        """Save every channel that has finished its cold start; returns how many were saved."""
+        """Save every channel that has learnt anything (an unfinished cold start too); how many were saved."""
         if self.state is None:
             return 0
         saved = 0
         for channel in list(self.channels.values()):
-            if channel.ready:
+            if channel.steps > 0:
                 try:
                     tensors, meta = channel.learnt()
                 except Exception:

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -40,6 +41,23 @@ def test_a_known_channel_is_network_denoised_from_its_first_frame(tmp_path):
     assert learnt.steps >= first.channels["GFP"].learner.steps  # it continues from where the first run stopped
     saved = torch.load(StateStore(tmp_path).path_for("GFP"), weights_only=True)
     assert set(saved["tensors"]["net"]) == set(learnt.net.state_dict())
+
+
+def test_an_unfinished_cold_start_continues_in_the_next_run(tmp_path):
+    config = dict(cold_start_steps=400)
+    sink = MemorySink()
+    cfg = PipelineConfig(ChannelConfig(get_preset("confocal"), **{**FAST, **config}), threads=1,
+                         state_dir=str(tmp_path))
+    with Pipeline(cfg, [sink]) as pipe:
+        pipe.submit(Frame(noisy_frames(1)[0], channel="GFP"))
+        while pipe.channels.get("GFP") is None or pipe.channels["GFP"].steps < 30:
+            time.sleep(0.01)
+    first = pipe.channels["GFP"].steps
+    assert not pipe.channels["GFP"].ready
+    with Pipeline(cfg, [MemorySink()]) as again:
+        again.submit(Frame(noisy_frames(1)[0], channel="GFP"))
+    assert again.state_loaded == {"GFP": "resumed"}
+    assert again.channels["GFP"].steps >= first  # the schedule's position was kept, not restarted
 
 
 def test_state_listing_names_the_channel(tmp_path, capsys):
