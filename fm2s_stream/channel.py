@@ -137,7 +137,8 @@ class Channel:
         self.clock = StageClock(self.device, config.time_stages)
         self.post = PostProcess(config.anchor_sigma, config.average_frames, config.average_threshold,
                                 config.max_positions, config.average_registration, noise, self.clock)
-        self.frames_seen = 0
+        self.frames_seen = 0  # in this run
+        self.frames_before = 0  # learnt from in earlier runs (resumed state)
         self.motion_rejects = 0
         self.shape_changes = 0
         self.scaling: Scaling | None = None
@@ -273,7 +274,8 @@ class Channel:
                        "k_g": p.k_g, "k_p": p.k_p, "lambda_p": p.lambda_p},
             "scaling": None if self.scaling is None else [self.scaling.black, self.scaling.white],
             "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
-            "frames_seen": self.frames_seen, "steps": self.learner.steps, "ready": self.ready,
+            "frames_seen": self.frames_seen, "frames_learnt": self.frames_before + self.frames_seen,
+            "steps": self.learner.steps, "ready": self.ready,
         }
         return self.learner.tensors(), meta
 
@@ -298,6 +300,7 @@ class Channel:
         if isinstance(preset, dict):
             self.learner.set_preset(self.learner.preset.with_noise(float(preset["k_g"]), float(preset["k_p"]),
                                                                    float(preset["lambda_p"])))
+        self.frames_before = int(meta.get("frames_learnt", 0) or 0)  # type: ignore[call-overload]
         scaling = meta.get("scaling")
         if isinstance(scaling, list) and len(scaling) == 2:
             self.scaling = Scaling(float(scaling[0]), float(scaling[1]))

@@ -137,7 +137,7 @@ def cmd_state(args: argparse.Namespace) -> int:
         p = row.get("preset") or {}
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("saved_at", 0)))
         shape = "x".join(map(str, row.get("shape") or [])) or "-"
-        print(f"{row.get('channel', '?')!s:<20} {row.get('frames_seen', 0):>7} {row.get('steps', 0):>7} "
+        print(f"{row.get('channel', '?')!s:<20} {row.get('frames_learnt', 0):>7} {row.get('steps', 0):>7} "
               f"{row.get('dtype', '-')!s:>5} {shape:>11} {saved:<19} "
               f"{p.get('k_g', 0):.1f} {p.get('k_p', 0):.1f} {p.get('lambda_p', 0):.1f}")
     return 0

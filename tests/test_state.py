@@ -1,5 +1,6 @@
 """Persistent channel state: a known channel starts warm; bad state never costs a frame."""
 
+import json
 import os
 import stat
 import time
@@ -41,6 +42,7 @@ def test_a_known_channel_is_network_denoised_from_its_first_frame(tmp_path):
     assert learnt.steps >= first.channels["GFP"].learner.steps  # it continues from where the first run stopped
     saved = torch.load(StateStore(tmp_path).path_for("GFP"), weights_only=True)
     assert set(saved["tensors"]["net"]) == set(learnt.net.state_dict())
+    assert json.loads(saved["meta"])["frames_learnt"] == 6 + 3  # both runs' frames
 
 
 def test_an_unfinished_cold_start_continues_in_the_next_run(tmp_path):
