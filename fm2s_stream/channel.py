@@ -204,8 +204,6 @@ class Channel:
     # -- learning ----------------------------------------------------------------------------------
     def remember(self, prep: Prepared) -> None:
         """Keep this frame as its position's previous frame; link the one before it for temporal steps."""
-        if self._cold_frame is None and not self.ready:
-            self._cold_frame = prep.unit  # the whole cold start trains on the channel's first frame
         if not self.config.temporal:
             return
         prev = self._previous.pop(prep.position, None)
@@ -232,7 +230,7 @@ class Channel:
         self.clock.start(frame=False)
         if not learner.ready:
             if self._cold_frame is None or self._cold_frame.shape != prep.unit.shape:
-                self._cold_frame = prep.unit
+                self._cold_frame = prep.unit  # the whole cold start trains on the channel's first frame
             loss = learner.cold_step(self._cold_frame)
             if learner.ready:
                 self._cold_frame = None

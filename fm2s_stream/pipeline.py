@@ -258,7 +258,6 @@ class Pipeline:
             channel = self.channel_for(frame.channel, frame.pixels)
             prep = channel.prepare(frame.pixels, (frame.p, frame.z))
             if not channel.ready and self.config.cold_start == "wait":
-                channel.remember(prep)
                 while not channel.ready:
                     channel.learn_step(prep)
             pixels, status = channel.answer(prep)
