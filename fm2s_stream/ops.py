@@ -2,9 +2,10 @@
 
 The per-frame engine keeps a frame on the model's device from its upload to its quantisation, so
 every spatial operation it needs is here, once, for any device. Where the CPU has a measurably
-faster kernel than torch's eager ops, the CPU path uses it on a zero-copy numpy view of the tensor
-and the choice is made in `_host` alone (measured at 2048x2048, 2 cores: a 7x7 separable filter
-takes 3 ms in numba, 44 ms as torch slices, 150 ms as torch conv2d).
+faster kernel than torch's eager ops, the CPU path uses it on a zero-copy numpy view of the tensor;
+`host_kernels` alone makes that choice, for these ops and for the temporal average's fused kernels
+(measured at 2048x2048, 2 cores: a 7x7 separable filter takes 3 ms in numba, 44 ms as torch slices,
+150 ms as torch conv2d).
 `tests/test_ops.py` checks that both paths give the same answer, on this CPU.
 
 Edge conventions: `separable` repeats edges (as the engine's registration and averaging always
@@ -30,6 +31,7 @@ __all__ = [
     "IDENTITY",
     "gaussian",
     "halve",
+    "host_kernels",
     "median",
     "one_thread",
     "overlap",
@@ -68,7 +70,7 @@ def one_thread(active: bool = True) -> Iterator[None]:
         numba.set_num_threads(numba_threads)
 
 
-def _host(t: torch.Tensor, torch_only: bool) -> bool:
+def host_kernels(t: torch.Tensor, torch_only: bool = False) -> bool:
     """True where the CPU kernels (numba, scipy) run instead of torch's: the one place this is chosen."""
     return t.device.type == "cpu" and not torch_only
 
@@ -124,7 +126,7 @@ def _separable_numba(img: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndar
 def separable(img: torch.Tensor, ky: np.ndarray, kx: np.ndarray, torch_only: bool = False) -> torch.Tensor:
     """2D correlation of a (H, W) image with the outer product of two odd-length kernels, edges repeated."""
     ky, kx = np.asarray(ky, np.float32), np.asarray(kx, np.float32)
-    if _host(img, torch_only):
+    if host_kernels(img, torch_only):
         return torch.from_numpy(_separable_numba(to_host(img), ky, kx))
     ry, rx = len(ky) // 2, len(kx) // 2
     x = F.pad(img.float()[None, None], (rx, rx, ry, ry), mode="replicate")
@@ -154,7 +156,7 @@ def _gaussian_taps(sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 def gaussian(img: torch.Tensor, sigma: float, torch_only: bool = False) -> torch.Tensor:
     """Gaussian blur of a (H, W) image, edges mirrored (scipy.ndimage.gaussian_filter's default)."""
-    if _host(img, torch_only):
+    if host_kernels(img, torch_only):
         return torch.from_numpy(ndimage.gaussian_filter(to_host(img), sigma, mode="reflect"))
     k = _kernel(_gaussian_taps(sigma), img.device)
     r = len(k) // 2
@@ -165,7 +167,7 @@ def gaussian(img: torch.Tensor, sigma: float, torch_only: bool = False) -> torch
 
 def median(img: torch.Tensor, size: int, torch_only: bool = False) -> torch.Tensor:
     """size x size median of a (H, W) image, edges mirrored (scipy.ndimage.median_filter's default)."""
-    if _host(img, torch_only):
+    if host_kernels(img, torch_only):
         return torch.from_numpy(ndimage.median_filter(to_host(img), size=size, mode="reflect"))
     r = size // 2
     padded = _symmetric_pad(img.float(), r)
@@ -194,7 +196,7 @@ def _halve_numba(a: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
 
 def halve(a: torch.Tensor, torch_only: bool = False) -> torch.Tensor:
     """2x2 block mean (an odd last row/column dropped), float32."""
-    if _host(a, torch_only):
+    if host_kernels(a, torch_only):
         return torch.from_numpy(_halve_numba(to_host(a)))
     h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
     a = a.float()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .calibrate import NoiseEstimate, estimate_noise_or_none
-from .ops import BOX3, BOX7, halve, separable, shift_fraction
+from .ops import BOX3, BOX7, halve, host_kernels, separable, shift_fraction
 from .registration import subpixel_shift
 from .stages import StageClock
 
@@ -217,7 +217,7 @@ class TemporalAverage:
 
     def _update(self, changed: torch.Tensor, box: torch.Tensor, out: torch.Tensor, state: _State) -> float:
         """Restart changed pixels, average the rest (weight 1 / count, count capped); the mean count."""
-        if state.raw.device.type == "cpu" and not self.torch_only:
+        if host_kernels(state.raw, self.torch_only):
             return float(_update_numba(changed.numpy(), box.contiguous().numpy(), out.contiguous().numpy(),
                                        state.raw.numpy(), state.out.numpy(), state.count.numpy(),
                                        float(self.max_frames)))
@@ -232,7 +232,7 @@ class TemporalAverage:
         """(3x3 raw mean - its running average, 0 where there is no history; the noise std of that)."""
         modelled = self.noise is not None
         a, b = self.noise if self.noise is not None else (0.0, 0.0)
-        if box.device.type == "cpu" and not self.torch_only:
+        if host_kernels(box, self.torch_only):
             d, s = _residuals_numba(box.contiguous().numpy(), state.raw.numpy(), state.count.numpy(),
                                     float(a), float(b), modelled)
             return torch.from_numpy(d), torch.from_numpy(s)
@@ -343,7 +343,7 @@ class TemporalAverage:
     def _hits(self, diff: torch.Tensor, sd: torch.Tensor, d9: torch.Tensor, wide: torch.Tensor | None,
               thresholds: list[float], c9: float, count: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """(pixels without history or beyond a scale's threshold; the number of hits per scale)."""
-        if diff.device.type == "cpu" and not self.torch_only:
+        if host_kernels(diff, self.torch_only):
             small = wide if wide is not None else torch.zeros((1, 1))
             mask, n = _hits_numba(diff.numpy(), sd.numpy(), d9.numpy(), small.contiguous().numpy(), np.float32(c9),
                                   np.float32(thresholds[0]), np.float32(thresholds[1]), np.float32(thresholds[2]),
@@ -359,7 +359,7 @@ class TemporalAverage:
 
     def _dilate(self, mask: torch.Tensor) -> torch.Tensor:
         """The mask grown by one pixel (3x3, edges repeated)."""
-        if mask.device.type == "cpu" and not self.torch_only:
+        if host_kernels(mask, self.torch_only):
             return torch.from_numpy(_dilate_numba(mask.numpy()))
         return separable(mask.float(), BOX3, BOX3) > 0
 
