@@ -277,7 +277,7 @@ class Channel:
         }
         return self.learner.tensors(), meta
 
-    def resume(self, tensors: dict[str, object], meta: dict[str, object], dtype: str) -> str | None:
+    def resume(self, tensors: dict[str, object], meta: dict[str, object]) -> str | None:
         """Continue from an earlier run's state; None if taken, else why not (the channel stays cold).
 
         Compatible means: the same number of network channels (the noise base) and the same pixel
@@ -288,11 +288,11 @@ class Channel:
         if meta.get("n_chan") != self.learner.net.n_chan:
             return f"saved network has {meta.get('n_chan')} input channels, this channel's noise base needs " \
                    f"{self.learner.net.n_chan}"
-        if meta.get("dtype") != dtype:
-            return f"saved for {meta.get('dtype')} frames, these are {dtype}"
+        if meta.get("dtype") != self.dtype:
+            return f"saved for {meta.get('dtype')} frames, these are {self.dtype}"
         try:
             self.learner.load_tensors(tensors)
-        except (KeyError, RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        except Exception as exc:  # any mismatch: the learner rolled back, the channel starts cold
             return f"weights do not fit: {exc}"
         preset = meta.get("preset")
         if isinstance(preset, dict):

@@ -210,18 +210,21 @@ class Learner:
                 "steps": self.steps, "temporal_steps": self.temporal_steps}
 
     def load_tensors(self, state: dict[str, object]) -> None:
-        """Continue from `tensors()` of an earlier run (raises on a shape mismatch; nothing is half-loaded)."""
-        net_state = {k: v.to(self.device) for k, v in state["net"].items()}  # type: ignore[attr-defined]
-        probe = copy.deepcopy(self.net)
-        probe.load_state_dict(net_state)  # validates names and shapes before anything changes
-        self.net.load_state_dict(net_state)
-        opt = state["opt"]
-        assert isinstance(opt, dict)
-        opt_state = {int(k): {n: (t.to(self.device) if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
-                     for k, v in opt["state"].items()}
-        self.trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
-        self.steps = int(state["steps"])  # type: ignore[call-overload]  # a cold start continues from here
-        self.temporal_steps = int(state.get("temporal_steps", 0))  # type: ignore[call-overload]
+        """Continue from `tensors()` of an earlier run; on any mismatch it raises and the learner is as it was."""
+        try:
+            self.net.load_state_dict({k: v.to(self.device) for k, v in state["net"].items()})  # type: ignore[attr-defined]
+            opt = state["opt"]
+            assert isinstance(opt, dict)
+            opt_state = {int(k): {n: (t.to(self.device) if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+                         for k, v in opt["state"].items()}
+            self.trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": opt["param_groups"]})
+            steps = int(state["steps"])  # type: ignore[call-overload]  # a cold start continues from here
+            temporal_steps = int(state.get("temporal_steps", 0))  # type: ignore[call-overload]
+        except Exception:
+            self.net.load_state_dict(self._good[0])  # back to the last good state: nothing half-loaded
+            self.trainer.optimizer.load_state_dict(self._good[1])
+            raise
+        self.steps, self.temporal_steps = steps, temporal_steps
         self._inference_net = None
         self._cold_target = None
         self.snapshot()

@@ -172,7 +172,7 @@ class Pipeline:
         channel = self.channels.get(name)
         if channel is None:
             channel = Channel(name, self.config.channel, first_frame=first_frame)
-            if self._resume(channel, first_frame):
+            if self._resume(channel):
                 how = "resumed from its saved state"
             else:
                 donor = next(iter(self.channels.values()), None) if self.config.init_from_first_channel else None
@@ -182,7 +182,7 @@ class Pipeline:
             log.info("new channel %r (%s)", name, how)
         return channel
 
-    def _resume(self, channel: Channel, first_frame: np.ndarray | None) -> bool:
+    def _resume(self, channel: Channel) -> bool:
         """Continue the channel from its saved state when there is a usable one (else it starts cold)."""
         if self.state is None:
             return False
@@ -194,8 +194,7 @@ class Pipeline:
             return False
         if saved is None:
             return False
-        dtype = first_frame.dtype.str if first_frame is not None else ""
-        why = channel.resume(saved[0], saved[1], dtype)
+        why = channel.resume(saved[0], saved[1])
         self.state_loaded[channel.name] = why or "resumed"
         if why:
             log.warning("channel %r starts cold: %s: %s", channel.name, self.state.path_for(channel.name), why)
@@ -253,7 +252,6 @@ class Pipeline:
         backlog = self._queue.qsize()
         channel: Channel | None = None
         prep = None
-        t0 = time.perf_counter()
         try:
             channel = self.channel_for(frame.channel, frame.pixels)
             prep = channel.prepare(frame.pixels, (frame.p, frame.z))
@@ -267,10 +265,6 @@ class Pipeline:
             if channel is not None:
                 channel.restore()
             pixels, status, reason = np.array(frame.pixels, copy=True), "raw", f"{type(exc).__name__}: {exc}"
-        elapsed = time.perf_counter() - t0
-        self.compute["infer_s"] += elapsed
-        if status == "denoised":
-            self.policy.answered(elapsed)
         latency = (time.perf_counter() - frame.received) * 1000
         degraded = status != "denoised" or backlog > 0
         averaged = prep.averaged if prep is not None and status == "denoised" else 1.0
@@ -281,6 +275,9 @@ class Pipeline:
         t0 = time.perf_counter()
         result, channel, prep = self._answer(frame)
         answer_s = time.perf_counter() - t0
+        self.compute["infer_s"] += answer_s
+        if result.status == "denoised":
+            self.policy.answered(answer_s)
         backlog = self._queue.qsize()
         self._emit(result, newest=backlog == 0)
         if channel is None or prep is None or result.status == "raw":
@@ -319,11 +316,10 @@ class Pipeline:
         guaranteed = t0 + plan.at_least_s
         while steps < plan.max_steps and not (until_ready and channel.ready):
             now = time.perf_counter()
-            if steps > 0 and now >= guaranteed and (
+            # a guaranteed share takes at least one step; past it, stop for a waiting frame or the deadline
+            if (steps > 0 or not plan.at_least_s) and now >= guaranteed and (
                 not self._queue.empty() or (plan.deadline is not None and now > plan.deadline)
             ):
-                break
-            if steps == 0 and plan.at_least_s == 0 and not self._queue.empty():
                 break
             was_ready = channel.ready
             try:
