@@ -26,7 +26,7 @@ import torch
 from .calibrate import auto_base, auto_preset, estimate_noise_or_none
 from .devices import download, upload
 from .learner import Learner, cold_start_schedule
-from .ops import gaussian, halve, one_thread, overlap
+from .ops import gaussian, halve, one_thread, overlap, shift_fraction
 from .postprocess import PostProcess
 from .presets import Preset
 from .registration import refine_shift, register_shift
@@ -74,13 +74,19 @@ class ChannelConfig:
 def warm_up() -> None:
     """Pay the one-off costs of a process before the first frame does: torch's optimiser machinery
     (its first Adam imports torch._dynamo, ~1.2 s) and the compiled kernels (compiled on a machine's
-    first run, several seconds; loaded from numba's cache after that)."""
+    first run, several seconds; loaded from numba's cache after that). The averaging runs two frames
+    of a moving 64x64 field, so that every kernel of its second frame on (registration, the three
+    scales, the sub-pixel shift, the update) is compiled too, not only the first frame's."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    rng = np.random.default_rng(0)
+    field = rng.uniform(100, 200, (72, 72)).astype(np.float32)
+    average = TemporalAverage(2)
+    for shift in (0.0, 0.5):  # a half-pixel move: the fractional-shift path runs as well
+        frame = torch.from_numpy(np.roll(field, int(shift * 4), axis=1)[:64, :64].copy())
+        average.apply(frame, shift_fraction(frame, 0.0, shift))
+    halve(frame)
     for dtype in (np.uint8, np.uint16):
-        frame = np.full((16, 16), 100, dtype)
-        t = upload(frame, torch.device("cpu"))
-        TemporalAverage(2).apply(t, t)
-        estimate_noise_or_none(frame)
+        estimate_noise_or_none(np.full((16, 16), 100, dtype))
 
 
 def channel_config(preset: str, **kw: object) -> ChannelConfig:
