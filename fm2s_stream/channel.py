@@ -159,6 +159,11 @@ class Channel:
         return self.learner.ready
 
     @property
+    def cold_progress(self) -> float:
+        """Share of the cold start done, 0..1."""
+        return self.learner.cold_progress
+
+    @property
     def preset(self) -> Preset:
         """The noise parameters the channel injects with now."""
         return self.learner.preset

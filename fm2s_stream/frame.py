@@ -70,6 +70,7 @@ class Result:
     "raw" (passed through after an error, `reason` says why). degraded: fine-tuning was cut for
     latency, or the frame is not network-denoised. steps: the channel model's total step count.
     averaged: mean number of consecutive frames averaged per pixel (1 = this frame alone).
+    cold_start: share of the channel's cold start done when it answered (1 = the network answers).
     """
 
     frame: Frame
@@ -80,9 +81,10 @@ class Result:
     latency_ms: float
     reason: str | None = None
     averaged: float = 1.0
+    cold_start: float = 1.0
 
     def processing(self) -> dict[str, Any]:
         """The processing fields added to a frame's header on output."""
         return {"status": self.status, "degraded": self.degraded, "steps": self.steps,
                 "latency_ms": round(self.latency_ms, 3), "reason": self.reason,
-                "frames_averaged": round(self.averaged, 3)}
+                "frames_averaged": round(self.averaged, 3), "cold_start_progress": round(self.cold_start, 3)}

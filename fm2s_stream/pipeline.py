@@ -3,7 +3,7 @@
 Sources call `submit` and nothing else. The worker publishes first and learns after: it answers a
 frame (`Channel.answer`), hands the result to the sinks, then learns as the `LatencyPolicy` allows,
 stopping as soon as another frame waits (a cold start always gets its guaranteed share). Idle time
-goes to unfinished cold starts. The preview (lossy) sinks get only the newest frame. Lossless sinks
+goes to unfinished cold starts. The preview (lossy) sinks get only each channel's newest frame. Lossless sinks
 never drop: a full queue makes `submit` wait (backpressure); under a sustained backlog the preview
 still gets a frame every PREVIEW_STARVATION_S. Every frame ends in exactly one of the counters
 `denoised`, `bootstrap`, `raw` (passed through with a reason) or `rejected`.
@@ -96,7 +96,7 @@ class Pipeline:
         self._last_save = time.monotonic()
         self._out_times: deque[float] = deque(maxlen=FPS_WINDOW)  # when the last results were emitted
         self.max_frame_bytes = 0
-        self._last_preview = 0.0
+        self._last_preview: dict[str, float] = {}  # per channel: when its last frame went to the preview
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
@@ -268,8 +268,8 @@ class Pipeline:
         latency = (time.perf_counter() - frame.received) * 1000
         degraded = status != "denoised" or backlog > 0
         averaged = prep.averaged if prep is not None and status == "denoised" else 1.0
-        steps = channel.steps if channel else 0
-        return Result(frame, pixels, status, degraded, steps, latency, reason, averaged), channel, prep
+        steps, progress = (channel.steps, channel.cold_progress) if channel else (0, 0.0)
+        return Result(frame, pixels, status, degraded, steps, latency, reason, averaged, progress), channel, prep
 
     def _process(self, frame: Frame) -> tuple[Channel, Prepared] | None:
         t0 = time.perf_counter()
@@ -279,7 +279,7 @@ class Pipeline:
         if result.status == "denoised":
             self.policy.answered(answer_s)
         backlog = self._queue.qsize()
-        self._emit(result, newest=backlog == 0)
+        self._emit(result, newest=backlog == 0 or not self._queued(frame.channel))
         if channel is None or prep is None or result.status == "raw":
             return None
         try:  # learn after: as the latency policy allows
@@ -337,6 +337,11 @@ class Pipeline:
             self.counts["train_steps"] += steps
             self.compute["train_s"] += time.perf_counter() - t0
 
+    def _queued(self, channel: str) -> bool:
+        """True if a frame of `channel` waits in the queue (the preview is newest-frame-wins per channel)."""
+        with self._queue.mutex:
+            return any(f is not None and f.channel == channel for f in self._queue.queue)
+
     def _emit(self, result: Result, newest: bool) -> None:
         with self._lock:
             self.counts[result.status] += 1
@@ -349,9 +354,10 @@ class Pipeline:
             while not relay.put(result, timeout=1.0):
                 log.warning("sink %s is full; waiting (backpressure)", relay.sink.name)
         now = time.perf_counter()
-        if newest or now - self._last_preview > PREVIEW_STARVATION_S:
-            # newest frame only, but never leave the preview frozen under a sustained backlog
-            self._last_preview = now
+        last = self._last_preview.get(result.frame.channel, 0.0)
+        if newest or now - last > PREVIEW_STARVATION_S:
+            # each channel's newest frame only, but never leave the preview frozen under a sustained backlog
+            self._last_preview[result.frame.channel] = now
             for relay in self.preview_relays:
                 relay.put(result)
         else:

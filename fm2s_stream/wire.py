@@ -4,8 +4,10 @@ Multipart message, 2 parts: (1) UTF-8 JSON header
   {"v": 1, "dtype": "<u2" | "|u1", "shape": [H, W], "channel": "DAPI", "t": 0, "z": 0, "p": 0,
    "frame_id": 17, "ts": 1732531200.123, "meta": {...}}
 (2) the raw C-order pixel bytes. Output headers add "fm2s": {status, degraded, steps, latency_ms,
-reason, frames_averaged}. The preview stream packs one frame per single-part message: a 4-byte big-endian header
-length, the JSON header, then the pixels (single-part so that subscribers can use ZMQ_CONFLATE).
+reason, frames_averaged, cold_start_progress}. The preview stream packs one frame per single-part message: a
+4-byte big-endian header length, the JSON header, the denoised pixels, then (when the header has
+"raw": {"dtype", "shape"}) the raw frame's pixels, so a viewer shows both from one message (single-part so
+that subscribers can use ZMQ_CONFLATE).
 Nothing here ever unpickles; every field is checked, and a bad message raises WireError.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,12 +29,15 @@ __all__ = [
     "MAX_PIXELS",
     "MAX_SIDE",
     "VERSION",
+    "Preview",
     "WireError",
     "decode",
     "encode",
     "encode_result",
     "header_of",
+    "pack_preview",
     "pack_single",
+    "unpack_preview",
     "unpack_single",
 ]
 
@@ -141,18 +147,66 @@ def encode_result(result: Result) -> list[Any]:
     return [header_of(result.frame, px, {"fm2s": result.processing()}), px.data.cast("B")]
 
 
-def pack_single(parts: list[Any]) -> bytes:
-    """One buffer: 4-byte big-endian header length, header, pixels (for the CONFLATE preview)."""
+def pack_single(parts: list[Any], tail: bytes | memoryview = b"") -> bytes:
+    """One buffer: 4-byte big-endian header length, header, pixels, then `tail` (for the CONFLATE preview)."""
     head = bytes(parts[0])
-    return struct.pack(">I", len(head)) + head + bytes(parts[1])
+    return b"".join((struct.pack(">I", len(head)), head, parts[1], tail))
 
 
-def unpack_single(buf: bytes | memoryview) -> Frame:
-    """Inverse of `pack_single`, with the same validation as `decode`."""
+def pack_preview(result: Result) -> bytes:
+    """The preview message of a result: its denoised pixels and, described by header "raw", the raw ones."""
+    px = np.ascontiguousarray(result.pixels)
+    raw = np.ascontiguousarray(result.frame.pixels)
+    extra = {"fm2s": result.processing(), "raw": {"dtype": raw.dtype.str, "shape": list(raw.shape)}}
+    return pack_single([header_of(result.frame, px, extra), px.data.cast("B")], raw.data.cast("B"))
+
+
+@dataclass
+class Preview:
+    """A decoded preview message: the denoised frame, the raw pixels (None if absent) and the fm2s fields."""
+
+    frame: Frame
+    raw: np.ndarray | None
+    fm2s: dict[str, Any]
+
+
+def _raw_part(h: dict[str, Any], body: memoryview) -> np.ndarray | None:
+    spec = h.get("raw")
+    if spec is None:
+        if body.nbytes:
+            raise WireError("size", f"{body.nbytes} bytes follow the pixels but the header has no 'raw'")
+        return None
+    if not isinstance(spec, dict) or spec.get("dtype") not in DTYPES:
+        raise WireError("field", f"raw must be {{'dtype', 'shape'}} with dtype one of {sorted(DTYPES)}")
+    shape = spec.get("shape")
+    if shape != h["shape"]:
+        raise WireError("shape", f"raw shape {shape!r} differs from the frame's {h['shape']!r}")
+    dtype = DTYPES[spec["dtype"]]
+    if body.nbytes != shape[0] * shape[1] * dtype.itemsize:
+        raise WireError("size", f"raw part has {body.nbytes} bytes, its header implies {shape} {dtype}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def unpack_preview(buf: bytes | memoryview) -> Preview:
+    """Inverse of `pack_preview` (and of `pack_single`), with the same validation as `decode`."""
     view = memoryview(buf).cast("B")
     if view.nbytes < 4:
         raise WireError("size", "packed message shorter than its length prefix")
     (n,) = struct.unpack(">I", view[:4])
     if n > min(MAX_HEADER_BYTES, view.nbytes - 4):
         raise WireError("header_size", f"packed header length {n} is invalid")
-    return decode([view[4 : 4 + n], view[4 + n :]])
+    h = parse_header(view[4 : 4 + n])
+    size = h["shape"][0] * h["shape"][1] * DTYPES[h["dtype"]].itemsize
+    body = view[4 + n :]
+    if body.nbytes < size:
+        raise WireError("size", f"pixel part has {body.nbytes} bytes, header implies {size}")
+    raw = _raw_part(h, body[size:])
+    fm2s = h.get("fm2s", {})
+    if not isinstance(fm2s, dict):
+        raise WireError("field", "fm2s must be a JSON object")
+    return Preview(decode([view[4 : 4 + n], body[:size]]), raw, fm2s)
+
+
+def unpack_single(buf: bytes | memoryview) -> Frame:
+    """The denoised frame of a preview message (`unpack_preview` also gives the raw pixels)."""
+    return unpack_preview(buf).frame

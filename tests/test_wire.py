@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from fm2s_stream.frame import Frame, Result
-from fm2s_stream.wire import WireError, decode, encode, encode_result, pack_single, unpack_single
+from fm2s_stream.wire import (
+    WireError,
+    decode,
+    encode,
+    encode_result,
+    pack_preview,
+    pack_single,
+    unpack_preview,
+    unpack_single,
+)
 
 
 def header(**kw) -> bytes:
@@ -34,10 +43,38 @@ def test_result_header_carries_processing_fields_and_packs_single_part():
     result = Result(frame, frame.pixels, "denoised", False, 42, 12.5)
     head = json.loads(bytes(encode_result(result)[0]))
     assert head["fm2s"] == {"status": "denoised", "degraded": False, "steps": 42, "latency_ms": 12.5,
-                            "reason": None, "frames_averaged": 1.0}
+                            "reason": None, "frames_averaged": 1.0, "cold_start_progress": 1.0}
     packed = pack_single(encode_result(result))
     assert struct.unpack(">I", packed[:4])[0] == len(bytes(encode_result(result)[0]))
     np.testing.assert_array_equal(unpack_single(packed).pixels, frame.pixels)
+    assert unpack_preview(packed).raw is None  # a message without "raw" has no raw part
+
+
+def test_preview_carries_raw_and_denoised_pixels_of_one_frame():
+    frame = decode([header(), PIXELS.tobytes()])
+    denoised = (PIXELS // 2).astype(np.uint16)
+    result = Result(frame, denoised, "bootstrap", True, 7, 3.0, cold_start=0.25)
+    p = unpack_preview(pack_preview(result))
+    np.testing.assert_array_equal(p.frame.pixels, denoised)
+    np.testing.assert_array_equal(p.raw, PIXELS)
+    assert p.fm2s["status"] == "bootstrap" and p.fm2s["cold_start_progress"] == 0.25
+    assert p.frame.identity() == frame.identity()
+    np.testing.assert_array_equal(unpack_single(pack_preview(result)).pixels, denoised)
+
+
+@pytest.mark.parametrize("mangle, kind", [
+    (lambda m: m[:-1], "size"),  # truncated raw part
+    (lambda m: m + b"\x00\x00", "size"),  # bytes past the raw part
+])
+def test_malformed_preview_raw_part_is_rejected(mangle, kind):
+    frame = decode([header(), PIXELS.tobytes()])
+    packed = pack_preview(Result(frame, frame.pixels, "denoised", False, 1, 1.0))
+    with pytest.raises(WireError) as err:
+        unpack_preview(mangle(packed))
+    assert err.value.kind == kind
+    no_raw = pack_single(encode_result(Result(frame, frame.pixels, "denoised", False, 1, 1.0)))
+    with pytest.raises(WireError):
+        unpack_preview(no_raw + b"\x00")
 
 
 @dataclass(frozen=True)
