@@ -1,4 +1,4 @@
-"""The ZMQ edge: ZmqSource (PULL or SUB input) and the PUSH / preview-PUB sinks.
+"""The ZMQ edge: ZmqSource (PULL or SUB input), the PUSH / preview-PUB sinks, and PreviewSubscriber (viewers).
 
 Only translation and I/O live here; the wire format is `fm2s_stream.wire`. Messages are received
 and sent with copy=False; nothing is ever unpickled. A malformed message is counted and logged via
@@ -16,11 +16,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ..frame import Result
+from ..liveview import LatestFrames, LiveFrame
 from ..pipeline import Pipeline
-from ..wire import WireError, decode, encode_result, pack_single
+from ..wire import WireError, decode, encode_result, pack_preview, unpack_preview
 from .curve import CurveKeys, secure_client, secure_server
 
-__all__ = ["PreviewPubSink", "ZmqPushSink", "ZmqSource", "check_endpoint", "is_loopback"]
+__all__ = ["PreviewPubSink", "PreviewSubscriber", "ZmqPushSink", "ZmqSource", "check_endpoint", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class ZmqPushSink:
 
 
 class PreviewPubSink:
-    """Lossy live preview: each result packed into one message on a bound PUB socket.
+    """Lossy live preview: each result packed into one message (denoised + raw pixels) on a bound PUB socket.
 
     Single-part so that subscribers can set ZMQ_CONFLATE and always see the newest frame.
     """
@@ -222,7 +223,7 @@ class PreviewPubSink:
     def write(self, result: Result) -> None:
         """Publish without ever blocking (PUB drops for slow subscribers)."""
         assert self._sock is not None
-        self._sock.send(pack_single(encode_result(result)), copy=False)
+        self._sock.send(pack_preview(result), copy=False)
         self.sent += 1
 
     def close(self) -> None:
@@ -230,3 +231,60 @@ class PreviewPubSink:
         if self._sock is not None:
             self._sock.close(linger=0)
 
+
+
+class PreviewSubscriber:
+    """Connects to a `serve --preview` address and keeps the newest frame per channel in a `LatestFrames`.
+
+    No ZMQ_CONFLATE: that keeps one message for all channels, so a 2-channel stream would show one.
+    Instead a thread drains the socket as fast as messages come (only headers are parsed; pixels stay
+    in ZMQ's buffers) and the board keeps the newest per channel. A malformed message is counted.
+    """
+
+    def __init__(self, endpoint: str, board: LatestFrames | None = None, context: zmq.Context | None = None,
+                 curve: CurveKeys | None = None) -> None:
+        self.endpoint = endpoint
+        self.board = board if board is not None else LatestFrames()
+        self.context = context or zmq.Context.instance()
+        self.curve = curve
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PreviewSubscriber:
+        """Connect (ZMQ reconnects by itself if the server starts later or restarts) and start receiving."""
+        sock = self.context.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, 8)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * 2 * 8192 * 8192 + 65536)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.curve is not None:
+            secure_client(sock, self.curve)
+        sock.connect(self.endpoint)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(sock,), name="preview-sub", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, sock: zmq.Socket) -> None:
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(100):
+                    continue
+                msg = sock.recv(copy=False)
+                try:
+                    p = unpack_preview(msg.buffer)
+                except WireError as exc:
+                    self.board.malformed += 1
+                    log.warning("malformed preview message from %s: %s", self.endpoint, exc)
+                    continue
+                f = p.frame
+                self.board.put(LiveFrame(f.channel, f.pixels, p.raw, p.fm2s, f.frame_id, f.t))
+        finally:
+            sock.close(linger=0)
+
+    def stop(self) -> None:
+        """Stop receiving and close the socket."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+            self._thread = None
