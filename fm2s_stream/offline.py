@@ -35,12 +35,15 @@ def denoise_unit(
     schedule: Schedule,
     device: torch.device,
     seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, TrainReport]:
     """Train a fresh network on a [0, 1] float frame and return its denoised version."""
     target = make_target(unit, preset, schedule.target).numpy()
     raw_t, tgt_t = as_batch(unit, device), as_batch(target, device)
     net = new_network(preset.n_chan, seed, device)
-    report = Trainer(net, preset, device, seed=seed).fit(raw_t, tgt_t, schedule)
+    trainer = Trainer(net, preset, device, seed=seed)
+    trainer.on_step = on_step
+    report = trainer.fit(raw_t, tgt_t, schedule)
     out = infer(net, raw_t, schedule.tta)[0, 0].float().cpu().numpy()
     return out, report
 
@@ -71,19 +74,21 @@ def denoise(
     device: str | torch.device | None = "auto",
     seed: int = 0,
     anchor_sigma: float = ANCHOR_SIGMA,
+    on_step: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Denoise one uint8/uint16 2D frame with FM2S; returns the same dtype and shape.
 
     preset: a paper preset name, "auto" (noise calibrated on the frame) or a `Preset`;
     method: "fast" (default), "paper" or a `Schedule`; anchor_sigma: the output keeps the raw
     frame's spatial frequencies below this scale in pixels, so region means stay the raw frame's
-    (0 = off, the paper's behaviour; the median target otherwise darkens dim frames by up to ~13 %).
+    (0 = off, the paper's behaviour; the median target otherwise darkens dim frames by up to ~13 %);
+    on_step: called with the step count after every training step (progress; an exception it raises stops).
     """
     check_frame(frame)
     scaling = scaling_for(frame)
     p = _preset(preset, frame)
     unit = to_unit(frame, scaling)
-    out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed)
+    out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed, on_step)
     return from_unit(anchor(out, unit, anchor_sigma).numpy(), scaling, frame.dtype)
 
 
@@ -96,6 +101,7 @@ def denoise_stack(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     anchor_sigma: float = ANCHOR_SIGMA,
+    on_step: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Denoise a 2D frame or an N-D stack (last two axes Y, X) plane by plane.
 
@@ -104,7 +110,7 @@ def denoise_stack(
     preset "auto" each channel's noise parameters are calibrated on its first plane.
     """
     if data.ndim == 2:
-        return denoise(data, preset, method, device, seed, anchor_sigma)
+        return denoise(data, preset, method, device, seed, anchor_sigma, on_step)
     if data.ndim < 2:
         raise ValueError(f"expected a 2D frame or a stack, got shape {data.shape}")
     sched, dev = _schedule(method), resolve_device(device)
@@ -124,6 +130,7 @@ def denoise_stack(
         trainer = trainers.get(channel)
         if trainer is None:
             trainer = trainers[channel] = Trainer(new_network(p.n_chan, seed + channel, dev), p, dev, seed=seed)
+            trainer.on_step = on_step
             plan = sched
         else:
             plan = replace(scaled(sched, WARM_FRACTION), stage1_steps=0)

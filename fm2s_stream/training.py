@@ -9,6 +9,7 @@ learning rate and a better pre-denoised target, and is both much faster and bett
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -170,6 +171,7 @@ class Trainer:
         self.steps = 0
         self.bf16 = False
         self.shared_noise = False
+        self.on_step: Callable[[int], None] | None = None  # called after each step (progress; may raise to stop)
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group."""
@@ -200,6 +202,8 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self.steps)
         return float(loss.detach())
 
     def structure_steps(self, raw: torch.Tensor, target: torch.Tensor, steps: int) -> float:
