@@ -1,4 +1,4 @@
-"""fm2s-stream: the command line (denoise, serve, demo, mm-demo, calibrate, send, receive, keys)."""
+"""fm2s-stream: the command line (denoise, serve, demo, mm-demo, calibrate, send, receive, keys, state, view)."""
 
 from __future__ import annotations
 
@@ -370,7 +370,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.set_defaults(func=cmd_state)
+
+    from .liveview import PREVIEW_ADDRESS
+
+    p = sub.add_parser("view", help="napari: live raw | denoised view of a running serve's --preview",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--from", dest="source", default=PREVIEW_ADDRESS, metavar="ADDR",
+                   help="the --preview (PUB) address of a running serve")
+    p.add_argument("--screenshot", type=Path, default=None, metavar="PATH",
+                   help="unattended: save the canvas here after --seconds, print a JSON summary, exit")
+    p.add_argument("--seconds", type=float, default=None, help="how long the unattended view runs")
+    p.add_argument("--window", action="store_true", help="screenshot the whole window (widget and status too)")
+    p.set_defaults(func=cmd_view)
     return ap
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """napari with the Live widget on a serve's preview; unattended with --screenshot and --seconds."""
+    if (args.screenshot is None) != (args.seconds is None):
+        print("view: --screenshot and --seconds go together (an unattended run)", file=sys.stderr)
+        return 2
+    try:
+        from .napari_plugin.view import run_view
+    except ImportError as exc:
+        print(f"view needs napari: pip install 'fm2s-stream[napari]' ({exc})", file=sys.stderr)
+        return 2
+    try:
+        summary = run_view(args.source, args.screenshot, args.seconds, canvas_only=not args.window)
+    except RuntimeError as exc:
+        print(f"view: {exc}", file=sys.stderr)
+        return 1
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
