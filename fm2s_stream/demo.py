@@ -54,40 +54,6 @@ def psnr(x: np.ndarray, gt: np.ndarray) -> float:
     return 10 * np.log10(peak * peak / max(err, 1e-12))
 
 
-def to8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Display scaling to 8 bit."""
-    return (np.clip((img.astype(np.float64) - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
-
-
-def latency_plot(points: list[tuple[float, float, str]], path: Path, budget_ms: float) -> None:
-    """Scatter of latency (ms) over time (s), one colour per status, drawn with Pillow."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 900, 400, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    if not points:
-        img.save(path)
-        return
-    tmax = max(p[0] for p in points) or 1.0
-    ymax = max(max(p[1] for p in points), budget_ms) * 1.1
-    sx = lambda t: m + (w - 2 * m) * t / tmax  # noqa: E731
-    sy = lambda v: h - m - (h - 2 * m) * v / ymax  # noqa: E731
-    d.line([(m, m), (m, h - m), (w - m, h - m)], fill="black")
-    d.line([(m, sy(budget_ms)), (w - m, sy(budget_ms))], fill=(200, 120, 0))
-    d.text((w - m - 120, sy(budget_ms) - 14), f"budget {budget_ms:.0f} ms", fill=(200, 120, 0))
-    colours = {"denoised": (0, 90, 200), "bootstrap": (150, 150, 150), "raw": (220, 0, 0)}
-    for t, v, status in points:
-        x, y = sx(t), sy(v)
-        d.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=colours.get(status, (0, 0, 0)))
-    for k in range(5):
-        v = ymax * k / 4
-        d.text((5, sy(v) - 6), f"{v:.0f}", fill="black")
-    d.text((m, 10), "end-to-end latency (ms) per frame over time (s); grey = cold start (classical)", fill="black")
-    d.text((w - m - 40, h - m + 8), f"{tmax:.1f} s", fill="black")
-    img.save(path)
-
-
 def run_demo(
     out_dir: Path,
     seconds: float = 30.0,
@@ -107,9 +73,9 @@ def run_demo(
 
     None means serve's default (`ServiceOptions`)."""
     import zmq
-    from PIL import Image
     from scipy import ndimage
 
+    from .figures import before_after_figure, latency_figure
     from .service import ServiceOptions, StreamService
     from .synthetic import Camera, TimeLapse
     from .wire import decode, encode
@@ -197,13 +163,13 @@ def run_demo(
     }
     if steady:
         i = steady[-1]
-        gt, raw, den = truth[i], frames[i][2], received[i][2]
+        (c, t, raw), gt, den = frames[i], truth[i], received[i][2]
         lo, hi = np.percentile(gt, [0.5, 99.8])
-        panel = np.concatenate([to8(raw, lo, hi), to8(den, lo, hi), to8(gt, lo, hi)], axis=1)
-        Image.fromarray(panel).save(run / "before_after.png")
-    points = [(sent[i] - t0, lat_of(received, sent, i), received[i][1]["fm2s"]["status"])
+        before_after_figure([("raw", raw), ("fm2s", den), ("truth (noise-free)", gt)], run / "before_after.png",
+                            f"channel {CHANNELS[c]}, frame t={t} (frame {i} of the stream)", (float(lo), float(hi)))
+    points = [(sent[i] - t0, lat_of(received, sent, i), received[i][1]["fm2s"]["status"], CHANNELS[frames[i][0]])
               for i in sorted(received)]
-    latency_plot(points, run / "latency.png", options.budget_ms)
+    latency_figure(points, run / "latency.png", options.budget_ms)
     (run / "report.json").write_text(json.dumps(summary, indent=1, default=str))
     say(format_summary(summary, run))
     return summary
