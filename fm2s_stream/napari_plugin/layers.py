@@ -11,6 +11,7 @@ creates at most one layer per call.
 from __future__ import annotations
 
 import contextlib
+import string
 from typing import Any
 
 import numpy as np
@@ -39,11 +40,14 @@ class LiveLayers:
         self._linking = False
 
     def warm_up(self) -> None:
-        """Create, draw and remove a tiny layer of each dtype: napari's one-off GL set-up, paid before streaming."""
+        """Pay napari's one-off GL set-up before streaming: draw a tiny layer and the text overlay; make the spares."""
         from qtpy.QtWidgets import QApplication
 
         layer = self.viewer.add_image(np.zeros((8, 8), np.uint8), name="fm2s warm-up")
+        overlay = self.viewer.text_overlay  # its first drawing, and each new glyph's, are slow too
+        overlay.text, overlay.visible = string.ascii_letters + string.digits + string.punctuation, True
         QApplication.processEvents()
+        overlay.text = "raw | fm2s: waiting for frames"
         self.viewer.layers.remove(layer)
         for i in range(SPARES):
             self.viewer.add_image(np.zeros((8, 8), np.uint16), name=f"{SPARE_NAME} {i + 1}", visible=False)
@@ -119,9 +123,7 @@ class LiveLayers:
         if not self._missing(frame):
             self._link(*self.layer_names(frame.channel))
             self._reset_due = True
-            overlay = self.viewer.text_overlay
-            overlay.text = f"raw | fm2s   rows: {', '.join(self.rows)}"
-            overlay.visible = True
+            self.viewer.text_overlay.text = f"raw | fm2s   rows: {', '.join(self.rows)}"
 
     def _show(self, frame: LiveFrame) -> None:
         for name, data, translate in self._panels(frame):
