@@ -5,12 +5,13 @@ from a `LatestFrames` board and counts what it showed; frames that came in betwe
 Creating a layer blocks the event loop (~60-90 ms whatever its size in software GL, ~0.5 s for
 napari's first) while filling one with new data takes ~5 ms, so `warm_up` pays napari's first at
 start and leaves SPARES hidden layers that the first channel takes over; beyond them, `update`
-creates at most one layer per call.
+creates at most one layer per call. Garbage collection is frozen after the warm-up (see there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import string
 from typing import Any
 
@@ -48,6 +49,11 @@ class LiveLayers:
         overlay.text, overlay.visible = string.ascii_letters + string.digits + string.punctuation, True
         QApplication.processEvents()
         overlay.text = "raw | fm2s: waiting for frames"
+        # A full garbage collection of napari's, Qt's and torch's objects takes 85-190 ms here, and one
+        # would stall the view mid-stream: collect once now and freeze what lives, so that later
+        # collections scan only objects made from now on.
+        gc.collect()
+        gc.freeze()
         self.viewer.layers.remove(layer)
         for i in range(SPARES):
             self.viewer.add_image(np.zeros((8, 8), np.uint16), name=f"{SPARE_NAME} {i + 1}", visible=False)
