@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -13,7 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from ..frame import Frame
 from ..pipeline import Pipeline
 
-__all__ = ["FileSource", "ImageFileError", "iter_planes", "read_image", "write_image"]
+__all__ = ["FileSource", "ImageFileError", "ImageInfo", "StackWriter", "check_output", "iter_planes", "read_image",
+           "read_info", "write_image"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -51,6 +55,122 @@ def read_image(path: str | Path) -> tuple[np.ndarray, str]:
     return data, axes
 
 
+# OME Pixels attributes carried from an input stack to its output
+CARRIED = ("PhysicalSizeX", "PhysicalSizeXUnit", "PhysicalSizeY", "PhysicalSizeYUnit", "PhysicalSizeZ",
+           "PhysicalSizeZUnit", "TimeIncrement", "TimeIncrementUnit")
+OME_AXES = set("TZC")  # leading axes OME-XML can name (others: tifffile's own choice)
+
+
+@dataclass
+class ImageInfo:
+    """What an output keeps of its input besides pixels: channel names and physical sizes (OME)."""
+
+    channel_names: list[str] = field(default_factory=list)
+    pixels: dict[str, Any] = field(default_factory=dict)  # the CARRIED attributes found
+
+    def ome_metadata(self) -> dict[str, Any]:
+        """tifffile OmeXml keyword arguments."""
+        meta: dict[str, Any] = dict(self.pixels)
+        if self.channel_names:
+            meta["Channel"] = {"Name": list(self.channel_names)}
+        return meta
+
+
+def read_info(path: str | Path) -> ImageInfo:
+    """Channel names and physical sizes from a TIFF's OME-XML (empty for PNG or plain TIFF)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return ImageInfo()
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+        if not xml:
+            return ImageInfo()
+        image = tifffile.xml2dict(xml)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except (KeyError, TypeError, ValueError, tifffile.TiffFileError):
+        return ImageInfo()
+    channels = pixels.get("Channel", [])
+    channels = channels if isinstance(channels, list) else [channels]
+    names = [str(c.get("Name", "")) for c in channels if isinstance(c, dict)]
+    return ImageInfo(names if all(names) else [], {k: pixels[k] for k in CARRIED if k in pixels})
+
+
+def check_output(path: Path, many: bool = False) -> None:
+    """Refuse, before any computation, an output a run could not write (type, missing directory)."""
+    suffix = path.suffix.lower()
+    if many or not suffix:
+        if not path.is_dir():
+            raise ImageFileError(f"{path}: output directory does not exist (create it, or give a file name)")
+        return
+    if suffix not in TIFF_SUFFIXES + PNG_SUFFIXES:
+        raise ImageFileError(f"{path}: cannot write {suffix!r} files (use .tif, .tiff or .png)")
+    if not path.parent.is_dir():
+        raise ImageFileError(f"{path}: directory {path.parent} does not exist")
+
+
+class StackWriter:
+    """Writes a stack's planes one BigTIFF page at a time; `finish` turns the file into OME-TIFF.
+
+    Until then each page's description is a JSON note ("fm2s_partial", plane number, stack shape):
+    a file left by Ctrl-C or a crash is a valid TIFF of the planes done, and `resume=True` appends
+    to it after checking it holds the same stack. `done` is the number of planes already there.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, axes: str, info: ImageInfo,
+                 resume: bool = False, overwrite: bool = False) -> None:
+        self.path, self.shape, self.dtype, self.axes, self.info = path, tuple(shape), np.dtype(dtype), axes, info
+        self.total = int(np.prod(self.shape[:-2]))
+        self.done = 0
+        if path.exists():
+            if resume:
+                self.done = self._partial_pages()
+            elif not overwrite:
+                raise ImageFileError(f"{path}: exists; pass --overwrite to replace it (or --resume to finish it)")
+            else:
+                path.unlink()
+        self._writer = tifffile.TiffWriter(path, bigtiff=True, append=self.done > 0)
+
+    def _partial_pages(self) -> int:
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                note = json.loads(tif.pages[0].description or "{}")
+                n = len(tif.pages)
+        except (json.JSONDecodeError, tifffile.TiffFileError, OSError, IndexError):
+            note, n = {}, 0
+        same = note.get("stack_shape") == list(self.shape) and note.get("dtype") == self.dtype.str
+        if not note.get("fm2s_partial") or not same:
+            raise ImageFileError(f"{self.path}: not a partial output of this stack (shape {list(self.shape)}, "
+                                 f"{self.dtype}); remove it or pass --overwrite")
+        return n
+
+    def write(self, plane: np.ndarray) -> None:
+        """Append the next plane (flushed: a crash keeps it)."""
+        # (not "shape": tifffile reads a JSON description with "shape" as its own shaped series)
+        note = {"fm2s_partial": True, "plane": self.done, "of": self.total, "stack_shape": list(self.shape),
+                "dtype": self.dtype.str, "axes": self.axes}
+        self._writer.write(plane, photometric="minisblack", description=json.dumps(note), metadata=None,
+                           contiguous=False)
+        self._writer.filehandle.flush()
+        self.done += 1
+
+    def close(self) -> None:
+        """Close the file as it is (partial: the planes done, readable, resumable)."""
+        self._writer.close()
+
+    def finish(self) -> None:
+        """Close and write OME-XML (axes, channel names, physical sizes) into page 0."""
+        self.close()
+        if self.done != self.total:
+            raise ImageFileError(f"{self.path}: {self.done} of {self.total} planes written; not finished")
+        axes = self.axes if len(self.axes) == len(self.shape) and set(self.axes[:-2]) <= OME_AXES else None
+        ome = tifffile.OmeXml()
+        stored = (self.total, 1, 1, self.shape[-2], self.shape[-1], 1)
+        ome.addimage(self.dtype, self.shape, stored, axes=axes,
+                     **self.info.ome_metadata())
+        tifffile.tiffcomment(self.path, comment=ome.tostring().encode("utf-8"), pageindex=0)
+
+
 def iter_planes(data: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     """Every 2D plane (index over the leading axes, plane) of an N-D stack, in C order."""
     lead = data.shape[:-2]
@@ -58,8 +178,9 @@ def iter_planes(data: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]
         yield index, data[index]
 
 
-def write_image(path: str | Path, data: np.ndarray, overwrite: bool = False, axes: str | None = None) -> None:
-    """Write PNG (2D only) or TIFF; refuse to replace an existing file unless `overwrite`."""
+def write_image(path: str | Path, data: np.ndarray, overwrite: bool = False, axes: str | None = None,
+                info: ImageInfo | None = None) -> None:
+    """Write PNG (2D only) or TIFF (OME, with `info`'s names and sizes); never replace a file unless `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise ImageFileError(f"{path}: exists; pass --overwrite to replace it")
@@ -70,8 +191,10 @@ def write_image(path: str | Path, data: np.ndarray, overwrite: bool = False, axe
             raise ImageFileError(f"{path}: PNG holds one 2D frame; write stacks as .tif")
         Image.fromarray(data).save(path)
     elif suffix in TIFF_SUFFIXES:
-        metadata = {"axes": axes} if axes and len(axes) == data.ndim else None
-        tifffile.imwrite(path, data, photometric="minisblack", metadata=metadata)
+        ome_axes = axes and len(axes) == data.ndim and set(axes[:-2]) <= OME_AXES
+        metadata: dict[str, Any] = {"axes": axes} if ome_axes else {}
+        metadata.update((info or ImageInfo()).ome_metadata())
+        tifffile.imwrite(path, data, photometric="minisblack", ome=True, metadata=metadata)
     else:
         raise ImageFileError(f"{path}: unsupported output type {suffix!r} (use .png, .tif or .tiff)")
 

@@ -29,11 +29,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 # -- denoise -------------------------------------------------------------------------------------------
 def cmd_denoise(args: argparse.Namespace) -> int:
-    """Denoise image files; returns the exit code (1 if any input failed)."""
+    """Denoise image files; returns the exit code (1 if any input failed, 130 if interrupted)."""
     import torch
 
-    from .adapters.files import ImageFileError, read_image, write_image
-    from .offline import denoise_stack
+    from .adapters.files import ImageFileError, check_output, read_image, read_info, write_image
+    from .offline import denoise
 
     torch.set_num_threads(args.threads)
     inputs = [Path(p) for p in args.inputs]
@@ -42,17 +42,27 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     if many and out.suffix:
         print(f"error: {len(inputs)} inputs need -o to be a directory, not {out}", file=sys.stderr)
         return 2
+    try:
+        check_output(out, many)
+    except ImageFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     failures = 0
     for path in inputs:
         target = (out / path.name) if (many or out.is_dir()) else out
         try:
-            if target.exists() and not args.overwrite:
-                raise ImageFileError(f"{target}: exists; pass --overwrite to replace it")
             data, axes = read_image(path)
+            info = read_info(path)
             t0 = time.perf_counter()
-            result = denoise_stack(data, axes, preset=args.preset, method=args.method, device=args.device,
-                                   seed=args.seed, progress=_progress(path.name) if data.ndim > 2 else None)
-            write_image(target, result, overwrite=args.overwrite, axes=axes)
+            if data.ndim > 2:
+                code = _denoise_stack_file(path, target, data, axes, info, args)
+                if code:
+                    return code
+            else:
+                if target.exists() and not args.overwrite:
+                    raise ImageFileError(f"{target}: exists; pass --overwrite to replace it")
+                result = denoise(data, args.preset, args.method, args.device, args.seed)
+                write_image(target, result, overwrite=args.overwrite, axes=axes, info=info)
             print(f"{path} -> {target} ({'x'.join(map(str, data.shape))} {data.dtype}, "
                   f"{time.perf_counter() - t0:.1f} s)")
         except (ImageFileError, ValueError) as exc:
@@ -61,12 +71,69 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _progress(name: str):  # type: ignore[no-untyped-def]
-    def show(done: int, total: int) -> None:
-        bar = "#" * int(30 * done / total)
-        print(f"\r{name} [{bar:<30s}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+class _Interrupted(Exception):
+    """Ctrl-C during a channel's cold start (raised from its step callback)."""
 
-    return show
+
+def _denoise_stack_file(path: Path, target: Path, data, axes: str, info, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    """A stack plane by plane into `target` (OME-TIFF at the end); Ctrl-C keeps the planes done (exit 130)."""
+    from .adapters.files import ImageFileError, StackWriter
+    from .offline import StackDenoiser, iter_denoised
+
+    if target.suffix.lower() == ".png":
+        raise ImageFileError(f"{target}: PNG holds one 2D frame; write stacks as .tif")
+    writer = StackWriter(target, data.shape, data.dtype, axes, info, resume=args.resume, overwrite=args.overwrite)
+    stop = threading.Event()
+
+    def on_sigint(_sig: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        stop.set()
+        print(f"\n{path.name}: stopping after the plane in flight (Ctrl-C again to abort)", file=sys.stderr)
+
+    def on_step(_steps: int) -> None:
+        if stop.is_set():
+            raise _Interrupted
+
+    def learnt(channel: int, plane: int) -> None:
+        print(f"\r{path.name}: channel {channel} learnt on plane {plane} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr)
+        since[:] = [time.perf_counter(), writer.done]  # the rate (and ETA) counts planes after a cold start
+
+    denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed,
+                             finetune_steps=args.finetune_steps, on_step=on_step, tta=args.tta)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    t0 = time.perf_counter()
+    start = writer.done
+    since: list[float] = [t0, start]
+    if start:
+        print(f"{path.name}: resuming at plane {start} of {writer.total}", file=sys.stderr)
+    try:
+        for _index, plane in iter_denoised(data, axes, denoiser, start=start, learnt=learnt):
+            writer.write(plane)
+            _stack_progress(path.name, writer.done, writer.total, int(since[1]), since[0])
+            if stop.is_set():
+                break
+    except _Interrupted:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if writer.done < writer.total:
+        writer.close()
+        print(f"\ninterrupted: {target} holds planes 0-{writer.done - 1} of {writer.total} (a plain TIFF); "
+              f"run the same command with --resume to finish it", file=sys.stderr)
+        return 130
+    writer.finish()
+    return 0
+
+
+def _stack_progress(name: str, done: int, total: int, start: int, t0: float) -> None:
+    """One progress line: planes done, their rate since `t0` (when `start` were done), the ETA."""
+    rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    bar = "#" * int(30 * done / total)
+    print(f"\r{name} [{bar:<30s}] {done}/{total} planes, {rate:.1f}/s, ETA {eta:.0f} s ", end="" if done < total
+          else "\n", file=sys.stderr)
 
 
 # -- serve ---------------------------------------------------------------------------------------------
@@ -285,11 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("denoise", help="denoise PNG/TIFF files (2D frames or stacks)")
+    from .offline import STACK_FINETUNE_STEPS, STACK_TTA
+
+    p = sub.add_parser("denoise", help="denoise PNG/TIFF files (2D frames or stacks)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output file (one input) or directory")
     p.add_argument("--method", default="fast", choices=sorted(SCHEDULES))
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="finish a stack output left by Ctrl-C or a crash")
+    p.add_argument("--finetune-steps", type=int, default=STACK_FINETUNE_STEPS,
+                   help="stacks: training steps per plane after each channel's one cold start")
+    p.add_argument("--tta", type=int, default=STACK_TTA, choices=(1, 2, 4, 8),
+                   help="stacks: inference views (flips/rotations) averaged per plane")
     _add_model_args(p)
     p.set_defaults(func=cmd_denoise)
 

@@ -94,3 +94,72 @@ def test_missing_file_and_many_inputs_to_a_file(tmp_path, capsys):
     assert cli.main(["denoise", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "o.tif")]) == 1
     assert "no such file" in capsys.readouterr().err
     assert cli.main(["denoise", "a.tif", "b.tif", "-o", str(tmp_path / "o.tif")]) == 2
+
+
+def test_stack_keeps_channel_names_and_physical_sizes(tmp_path):
+    stack = np.stack([frames(16, 3), frames(16, 3)], axis=1)  # T, C, Y, X
+    src, dst = tmp_path / "stack.ome.tif", tmp_path / "out.ome.tif"
+    tifffile.imwrite(src, stack, ome=True, metadata={"axes": "TCYX", "Channel": {"Name": ["GFP", "mCherry"]},
+                                                     "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65,
+                                                     "TimeIncrement": 2.5})
+    assert cli.main(["denoise", str(src), "-o", str(dst), "--device", "cpu", "--threads", "1"]) == 0
+    with tifffile.TiffFile(dst) as tif:
+        series = tif.series[0]
+        assert series.axes == "TCYX" and series.shape == stack.shape and series.dtype == stack.dtype
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert [c["Name"] for c in pixels["Channel"]] == ["GFP", "mCherry"]
+    assert pixels["PhysicalSizeX"] == 0.65 and pixels["TimeIncrement"] == 2.5
+
+
+@pytest.mark.parametrize(("output", "message"), [("missing/out.tif", "does not exist"),
+                                                 ("out.ome.zarr", "cannot write '.zarr'"),
+                                                 ("missing-dir", "output directory does not exist")])
+def test_unwritable_outputs_are_refused_before_any_computation(tmp_path, capsys, output, message):
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, frames(16, 3), metadata={"axes": "TYX"})
+    assert cli.main(["denoise", str(src), "-o", str(tmp_path / output), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "learnt" not in err and "planes" not in err
+
+
+def _pages(path) -> int:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.pages)
+    except Exception:  # being written
+        return 0
+
+
+def test_ctrl_c_leaves_a_valid_partial_stack_and_resume_finishes_it_identically(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.streamkit import OUTSIDE
+
+    stack = np.stack([frames(16, 1) for _ in range(400)])
+    stack = (stack.astype(np.int32) + np.arange(400)[:, None, None] % 7).astype(np.uint16)
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, stack, metadata={"axes": "TYX"})
+    cmd = [sys.executable, "-m", "fm2s_stream.cli", "denoise", str(src), "--device", "cpu", "--threads", "1", "-o"]
+    part, whole = tmp_path / "part.ome.tif", tmp_path / "whole.ome.tif"
+    proc = subprocess.Popen([*cmd, str(part)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE)
+    end = time.monotonic() + 120
+    while _pages(part) < 5 and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "--resume" in err.decode()
+    partial = tifffile.imread(part)
+    assert 5 <= partial.shape[0] < 400 and partial.shape[1:] == stack.shape[1:]
+    done = subprocess.run([*cmd, str(part), "--resume"], capture_output=True, cwd=OUTSIDE, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert f"resuming at plane {partial.shape[0]}" in done.stderr.decode()
+    ref = subprocess.run([*cmd, str(whole)], capture_output=True, cwd=OUTSIDE, timeout=300)
+    assert ref.returncode == 0
+    resumed = tifffile.imread(part)
+    assert resumed.shape == stack.shape
+    np.testing.assert_array_equal(resumed, tifffile.imread(whole))
+    np.testing.assert_array_equal(resumed[: partial.shape[0]], partial)
