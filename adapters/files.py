@@ -103,8 +103,13 @@ def check_output(path: Path, many: bool = False) -> None:
         if not path.is_dir():
             raise ImageFileError(f"{path}: output directory does not exist (create it, or give a file name)")
         return
-    if suffix not in TIFF_SUFFIXES + PNG_SUFFIXES:
-        raise ImageFileError(f"{path}: cannot write {suffix!r} files (use .tif, .tiff or .png)")
+    if suffix not in (*TIFF_SUFFIXES, *PNG_SUFFIXES, ".zarr"):
+        raise ImageFileError(f"{path}: cannot write {suffix!r} files (use .tif, .tiff, .png or .ome.zarr)")
+    if suffix == ".zarr":
+        try:
+            import zarr  # noqa: F401
+        except ImportError:
+            raise ImageFileError(f"{path}: writing OME-Zarr needs zarr: pip install 'fm2s-stream[zarr]'") from None
     if not path.parent.is_dir():
         raise ImageFileError(f"{path}: directory {path.parent} does not exist")
 

@@ -10,6 +10,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 __all__ = ["main"]
 
@@ -32,7 +35,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     """Denoise image files; returns the exit code (1 if any input failed, 130 if interrupted)."""
     import torch
 
-    from .adapters.files import ImageFileError, check_output, read_image, read_info, write_image
+    from .adapters.files import ImageFileError, check_output, write_image
     from .offline import denoise
 
     torch.set_num_threads(args.threads)
@@ -51,8 +54,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     for path in inputs:
         target = (out / path.name) if (many or out.is_dir()) else out
         try:
-            data, axes = read_image(path)
-            info = read_info(path)
+            data, axes, info = _read_input(path)
             t0 = time.perf_counter()
             if data.ndim > 2:
                 code = _denoise_stack_file(path, target, data, axes, info, args)
@@ -61,14 +63,36 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             else:
                 if target.exists() and not args.overwrite:
                     raise ImageFileError(f"{target}: exists; pass --overwrite to replace it")
-                result = denoise(data, args.preset, args.method, args.device, args.seed)
-                write_image(target, result, overwrite=args.overwrite, axes=axes, info=info)
+                result = denoise(np.asarray(data), args.preset, args.method, args.device, args.seed)
+                if _is_zarr(target):
+                    from .adapters.ngff import NgffWriter
+
+                    zarr_out = NgffWriter(target, result.shape, result.dtype, axes, info, overwrite=args.overwrite)
+                    zarr_out.write(result)
+                    zarr_out.finish()
+                else:
+                    write_image(target, result, overwrite=args.overwrite, axes=axes, info=info)
             print(f"{path} -> {target} ({'x'.join(map(str, data.shape))} {data.dtype}, "
                   f"{time.perf_counter() - t0:.1f} s)")
         except (ImageFileError, ValueError) as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix.lower() == ".zarr"
+
+
+def _read_input(path: Path):  # type: ignore[no-untyped-def]
+    """(pixels, axes, ImageInfo): a TIFF/PNG in memory, an OME-Zarr as its lazy level-0 array."""
+    from .adapters.files import read_image, read_info
+    from .adapters.ngff import is_zarr, read_ngff
+
+    if is_zarr(path):
+        return read_ngff(path)
+    data, axes = read_image(path)
+    return data, axes, read_info(path)
 
 
 class _Interrupted(Exception):
@@ -81,8 +105,14 @@ def _denoise_stack_file(path: Path, target: Path, data, axes: str, info, args: a
     from .offline import StackDenoiser, iter_denoised
 
     if target.suffix.lower() == ".png":
-        raise ImageFileError(f"{target}: PNG holds one 2D frame; write stacks as .tif")
-    writer = StackWriter(target, data.shape, data.dtype, axes, info, resume=args.resume, overwrite=args.overwrite)
+        raise ImageFileError(f"{target}: PNG holds one 2D frame; write stacks as .tif or .ome.zarr")
+    if _is_zarr(target):
+        from .adapters.ngff import NgffWriter
+
+        writer: Any = NgffWriter(target, data.shape, data.dtype, axes, info, resume=args.resume,
+                                 overwrite=args.overwrite)
+    else:
+        writer = StackWriter(target, data.shape, data.dtype, axes, info, resume=args.resume, overwrite=args.overwrite)
     stop = threading.Event()
 
     def on_sigint(_sig: int, _frame: object) -> None:
@@ -120,7 +150,7 @@ def _denoise_stack_file(path: Path, target: Path, data, axes: str, info, args: a
         signal.signal(signal.SIGINT, previous)
     if writer.done < writer.total:
         writer.close()
-        print(f"\ninterrupted: {target} holds planes 0-{writer.done - 1} of {writer.total} (a plain TIFF); "
+        print(f"\ninterrupted: {target} holds planes 0-{writer.done - 1} of {writer.total}; "
               f"run the same command with --resume to finish it", file=sys.stderr)
         return 130
     writer.finish()

@@ -112,7 +112,7 @@ def test_stack_keeps_channel_names_and_physical_sizes(tmp_path):
 
 
 @pytest.mark.parametrize(("output", "message"), [("missing/out.tif", "does not exist"),
-                                                 ("out.ome.zarr", "cannot write '.zarr'"),
+                                                 ("out.h5", "cannot write '.h5'"),
                                                  ("missing-dir", "output directory does not exist")])
 def test_unwritable_outputs_are_refused_before_any_computation(tmp_path, capsys, output, message):
     src = tmp_path / "stack.tif"
@@ -163,3 +163,57 @@ def test_ctrl_c_leaves_a_valid_partial_stack_and_resume_finishes_it_identically(
     assert resumed.shape == stack.shape
     np.testing.assert_array_equal(resumed, tifffile.imread(whole))
     np.testing.assert_array_equal(resumed[: partial.shape[0]], partial)
+
+
+def test_ome_zarr_round_trip_keeps_channels_sizes_and_reads_ngff_04(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    stack = np.stack([frames(16, 3), frames(16, 3)], axis=1)  # T, C, Y, X
+    src, mid, back = tmp_path / "in.ome.tif", tmp_path / "mid.ome.zarr", tmp_path / "back.ome.tif"
+    tifffile.imwrite(src, stack, ome=True, metadata={"axes": "TCYX", "Channel": {"Name": ["GFP", "mCherry"]},
+                                                     "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65})
+    assert cli.main(["denoise", str(src), "-o", str(mid), "--device", "cpu", "--threads", "1"]) == 0
+    node = next(iter(reader.Reader(parse_url(str(mid)))()))  # an independent NGFF reader
+    assert [a["name"] for a in node.metadata["axes"]] == ["t", "c", "y", "x"]
+    assert node.metadata["channel_names"] == ["GFP", "mCherry"]
+    assert node.data[0].shape == stack.shape and node.data[0].dtype == stack.dtype
+    group = zarr.open_group(str(mid), mode="r")
+    assert group.attrs["ome"]["version"] == "0.5" and group.attrs["fm2s"]["complete"] is True
+    scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale[-2:] == [0.65, 0.65]
+    assert cli.main(["denoise", str(mid), "-o", str(back), "--device", "cpu", "--threads", "1"]) == 0
+    with tifffile.TiffFile(back) as tif:
+        assert tif.series[0].axes == "TCYX" and tif.series[0].shape == stack.shape
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert [c["Name"] for c in pixels["Channel"]] == ["GFP", "mCherry"] and pixels["PhysicalSizeX"] == 0.65
+
+    old = tmp_path / "v04.zarr"  # NGFF 0.4: zarr v2, multiscales at the top of .zattrs
+    g = zarr.open_group(str(old), mode="w", zarr_format=2)
+    g.create_array("0", shape=stack[:, 0].shape, dtype=np.uint16, chunks=(1, 48, 64))[:] = stack[:, 0]
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space"},
+                                                           {"name": "x", "type": "space"}],
+                               "datasets": [{"path": "0", "coordinateTransformations": [
+                                   {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]
+    from fm2s_stream.adapters.ngff import read_ngff
+
+    array, axes, info = read_ngff(old)
+    assert axes == "TYX" and array.shape == stack[:, 0].shape and info.pixels["PhysicalSizeX"] == 0.5
+    out04 = tmp_path / "out04.ome.zarr"
+    assert cli.main(["denoise", str(old), "-o", str(out04), "--device", "cpu", "--threads", "1"]) == 0
+    assert zarr.open_group(str(out04), mode="r")["0"].shape == stack[:, 0].shape
+
+
+def test_axes_out_of_ngff_order_are_stored_in_ngff_order(tmp_path):
+    pytest.importorskip("zarr")
+    from fm2s_stream.adapters.files import ImageInfo
+    from fm2s_stream.adapters.ngff import NgffWriter, read_ngff
+
+    w = NgffWriter(tmp_path / "z.ome.zarr", (3, 2, 8, 8), np.dtype(np.uint8), "ZCYX", ImageInfo(["a", "b"]))
+    for i in range(6):
+        w.write(np.full((8, 8), i, np.uint8))  # input order: z0c0 z0c1 z1c0 ...
+    w.finish()
+    array, axes, info = read_ngff(tmp_path / "z.ome.zarr")
+    assert axes == "CZYX" and array.shape == (2, 3, 8, 8) and info.channel_names == ["a", "b"]
+    assert array[1, 2, 0, 0] == 5 and array[0, 1, 0, 0] == 2

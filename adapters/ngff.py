@@ -1,0 +1,165 @@
+"""The OME-Zarr edge (extra `[zarr]`): read NGFF 0.4 and 0.5 images, write NGFF 0.5 (zarr v3) plane by plane.
+
+We write with zarr-python and a small NGFF metadata model of our own (`multiscales` with one level,
+axes with types and units, a scale transformation, `omero` channel labels), tested against the
+`ome-zarr` reader: it keeps the dependency to one maintained library that also reads, and each
+plane is its own chunk so that any process (a Dask worker) can write any plane.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .files import ImageFileError, ImageInfo
+
+__all__ = ["NGFF_VERSION", "NgffWriter", "is_zarr", "ngff_attrs", "read_ngff"]
+
+
+NGFF_VERSION = "0.5"
+AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+UNITS = {"time": "second", "space": "micrometer"}
+SCALE_KEYS = {"t": "TimeIncrement", "z": "PhysicalSizeZ", "y": "PhysicalSizeY", "x": "PhysicalSizeX"}
+
+
+def is_zarr(path: Path) -> bool:
+    """A `.zarr` path, or a directory holding Zarr metadata."""
+    return path.suffix.lower() == ".zarr" or (path.is_dir() and any(
+        (path / name).is_file() for name in ("zarr.json", ".zattrs", ".zgroup")))
+
+
+def _zarr() -> Any:
+    try:
+        import zarr
+    except ImportError:
+        raise ImageFileError("OME-Zarr needs zarr: pip install 'fm2s-stream[zarr]'") from None
+    return zarr
+
+
+def _ngff_axes(axes: str, ndim: int) -> list[str]:
+    """Lower-case NGFF axis names for a stack's axes ("TCYX" -> t c y x); unknown ones become t, c, z in order."""
+    names = [a.lower() for a in axes] if len(axes) == ndim else []
+    if not names or any(n not in AXIS_TYPES for n in names) or len(set(names)) != ndim:
+        if not 2 <= ndim <= 5:
+            raise ImageFileError(f"cannot name the {ndim} axes of {axes!r} for OME-Zarr (at most TCZYX)")
+        names = [*("t", "c", "z")[: ndim - 2], "y", "x"]  # unnamed planes (a plain multi-page TIFF): time first
+    return names
+
+
+def ngff_attrs(shape: tuple[int, ...], axes: str, info: ImageInfo, name: str = "fm2s") -> dict[str, Any]:
+    """The group's `ome` attributes (NGFF 0.5) for an image of `shape` with `axes` and `info`'s metadata."""
+    names = _ngff_axes(axes, len(shape))
+    ngff_axes = []
+    scale = []
+    for n in names:
+        axis: dict[str, Any] = {"name": n, "type": AXIS_TYPES[n]}
+        if AXIS_TYPES[n] in UNITS:
+            axis["unit"] = UNITS[AXIS_TYPES[n]]
+        ngff_axes.append(axis)
+        value = info.pixels.get(SCALE_KEYS.get(n, ""), 1.0)
+        scale.append(float(value) if isinstance(value, (int, float)) and value > 0 else 1.0)
+    ome: dict[str, Any] = {
+        "version": NGFF_VERSION,
+        "multiscales": [{"name": name, "axes": ngff_axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}],
+    }
+    if "c" in names:
+        n_c = shape[names.index("c")]
+        labels = info.channel_names if len(info.channel_names) == n_c else [f"channel {i}" for i in range(n_c)]
+        ome["omero"] = {"channels": [{"label": label, "active": True} for label in labels]}
+    return ome
+
+
+def read_ngff(path: Path) -> tuple[Any, str, ImageInfo]:
+    """(level-0 array, read lazily plane by plane; axes like "TCYX"; channel names and sizes) of an OME-Zarr."""
+    zarr = _zarr()
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as exc:
+        raise ImageFileError(f"{path}: cannot open as Zarr ({type(exc).__name__}: {exc})") from None
+    ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 keeps multiscales at the top
+    try:
+        ms = ome["multiscales"][0]
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
+        dataset = ms["datasets"][0]
+        array = group[dataset["path"]]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ImageFileError(f"{path}: not an OME-Zarr image (no usable multiscales: {exc})") from None
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ImageFileError(f"{path}: {array.dtype} pixels; FM2S denoises uint8/uint16")
+    scale = next((t["scale"] for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"),
+                 [1.0] * len(names))
+    pixels = {SCALE_KEYS[n]: float(s) for n, s in zip(names, scale) if n in SCALE_KEYS and float(s) != 1.0}
+    channels = ome.get("omero", {}).get("channels", [])
+    labels = [str(c.get("label", "")) for c in channels if isinstance(c, dict)]
+    return array, "".join(n.upper() for n in names), ImageInfo(labels if all(labels) else [], pixels)
+
+
+class NgffWriter:
+    """An NGFF 0.5 image written plane by plane (one chunk per plane), by one process or many.
+
+    `shape`/`axes` are the input stack's; the stored image has NGFF's axis order (t, c, z, y, x), so
+    leading axes are permuted where the input's differ (a TZCYX OME-TIFF). The metadata is written
+    first; planes land as they come. `done` counts the planes already in the store when resuming
+    (the single-process path writes them in order); attribute `fm2s.complete` marks a finished image.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, axes: str, info: ImageInfo,
+                 resume: bool = False, overwrite: bool = False) -> None:
+        zarr = _zarr()
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.total = int(np.prod(self.shape[:-2]))
+        self.done = 0
+        names = _ngff_axes(axes, len(self.shape))
+        self.order = sorted(range(len(names) - 2), key=lambda i: "tcz".index(names[i]))  # input axis of each stored
+        stored_shape = tuple(self.shape[i] for i in self.order) + self.shape[-2:]
+        stored_axes = "".join(names[i] for i in self.order) + "yx"
+        if path.exists() and resume:
+            group = zarr.open_group(str(path), mode="r+")
+            note = dict(group.attrs).get("fm2s", {})
+            if note.get("shape") != list(stored_shape) or note.get("dtype") != self.dtype.str:
+                raise ImageFileError(f"{path}: not a partial output of this stack; remove it or pass --overwrite")
+            self.array = group["0"]
+            self.done = self._planes_present()
+            return
+        if path.exists() and not overwrite:
+            raise ImageFileError(f"{path}: exists; pass --overwrite to replace it (or --resume to finish it)")
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group.attrs.update({"ome": ngff_attrs(stored_shape, stored_axes, info),
+                            "fm2s": {"shape": list(stored_shape), "dtype": self.dtype.str, "complete": False}})
+        chunks = (1,) * (len(self.shape) - 2) + self.shape[-2:]
+        # every chunk is stored, an all-zero plane too, so that stored chunks count the planes done
+        self.array = group.create_array("0", shape=stored_shape, dtype=self.dtype, chunks=chunks,
+                                        dimension_names=list(stored_axes), fill_value=0,
+                                        config={"write_empty_chunks": True})
+
+    def _planes_present(self) -> int:
+        """Planes already stored (the single-process path writes them in C order, each chunk at once)."""
+        return int(self.array.nchunks_initialized)
+
+    def write_plane(self, index: tuple[int, ...], plane: np.ndarray) -> None:
+        """Store the plane of input index `index` (its own chunk: safe beside processes writing others)."""
+        self.array[tuple(index[i] for i in self.order)] = plane
+
+    def write(self, plane: np.ndarray) -> None:
+        """Store the next plane in C order (the single-process path)."""
+        self.write_plane(_nth(self.shape, self.done), plane)
+        self.done += 1
+
+    def close(self) -> None:
+        """Nothing buffered: every plane is in the store once written."""
+
+    def finish(self) -> None:
+        """Mark the image complete."""
+        zarr = _zarr()
+        group = zarr.open_group(str(self.path), mode="r+")
+        note = dict(group.attrs).get("fm2s", {})
+        group.attrs["fm2s"] = {**note, "complete": True}
+
+
+def _nth(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """The n-th plane index of a stack of `shape` in C order."""
+    return tuple(int(i) for i in np.unravel_index(n, shape[:-2]))
