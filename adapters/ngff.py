@@ -113,10 +113,8 @@ class NgffWriter:
         self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
         self.total = int(np.prod(self.shape[:-2]))
         self.done = 0
-        names = _ngff_axes(axes, len(self.shape))
-        self.order = sorted(range(len(names) - 2), key=lambda i: "tcz".index(names[i]))  # input axis of each stored
+        self.order, stored_axes = _storage_order(axes, len(self.shape))
         stored_shape = tuple(self.shape[i] for i in self.order) + self.shape[-2:]
-        stored_axes = "".join(names[i] for i in self.order) + "yx"
         if path.exists() and resume:
             group = zarr.open_group(str(path), mode="r+")
             note = dict(group.attrs).get("fm2s", {})
@@ -135,6 +133,17 @@ class NgffWriter:
         self.array = group.create_array("0", shape=stored_shape, dtype=self.dtype, chunks=chunks,
                                         dimension_names=list(stored_axes), fill_value=0,
                                         config={"write_empty_chunks": True})
+
+    @classmethod
+    def attach(cls, path: Path, shape: tuple[int, ...], axes: str) -> NgffWriter:
+        """A made output opened only to store planes (a Dask worker's view; no metadata is touched)."""
+        self = cls.__new__(cls)
+        self.path, self.shape = path, tuple(shape)
+        self.total, self.done = int(np.prod(self.shape[:-2])), 0
+        self.order, _ = _storage_order(axes, len(self.shape))
+        self.array = _zarr().open_array(str(path / "0"), mode="r+")
+        self.dtype = np.dtype(self.array.dtype)
+        return self
 
     def _planes_present(self) -> int:
         """Planes already stored (the single-process path writes them in C order, each chunk at once)."""
@@ -158,6 +167,13 @@ class NgffWriter:
         group = zarr.open_group(str(self.path), mode="r+")
         note = dict(group.attrs).get("fm2s", {})
         group.attrs["fm2s"] = {**note, "complete": True}
+
+
+def _storage_order(axes: str, ndim: int) -> tuple[list[int], str]:
+    """(input axis of each stored leading axis, stored axis names): NGFF wants t, c, z, then y, x."""
+    names = _ngff_axes(axes, ndim)
+    order = sorted(range(ndim - 2), key=lambda i: "tcz".index(names[i]))
+    return order, "".join(names[i] for i in order) + "yx"
 
 
 def _nth(shape: tuple[int, ...], n: int) -> tuple[int, ...]:

@@ -47,6 +47,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         return 2
     try:
         check_output(out, many)
+        if (args.workers or args.scheduler) and not _is_zarr(out):
+            raise ImageFileError(f"{out}: --workers/--scheduler write OME-Zarr (give -o OUT.ome.zarr): "
+                                 "the workers write planes in parallel")
     except ImageFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,7 +59,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         try:
             data, axes, info = _read_input(path)
             t0 = time.perf_counter()
-            if data.ndim > 2:
+            if data.ndim > 2 and (args.workers or args.scheduler):
+                _denoise_on_dask(path, target, data, axes, info, args)
+            elif data.ndim > 2:
                 code = _denoise_stack_file(path, target, data, axes, info, args)
                 if code:
                     return code
@@ -93,6 +98,20 @@ def _read_input(path: Path):  # type: ignore[no-untyped-def]
         return read_ngff(path)
     data, axes = read_image(path)
     return data, axes, read_info(path)
+
+
+def _denoise_on_dask(path: Path, target: Path, data: Any, axes: str, info: Any, args: argparse.Namespace) -> None:
+    """A stack on a Dask cluster (LocalCluster of --workers, or --scheduler's); prints its summary."""
+    try:
+        from .adapters.dask_runner import run_on_dask
+    except ImportError as exc:
+        raise ValueError(f"--workers/--scheduler need Dask: pip install 'fm2s-stream[dask]' ({exc})") from None
+    from .offline import StackDenoiser
+
+    denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed, tta=args.tta)
+    summary = run_on_dask(path, target, data, axes, info, denoiser, workers=args.workers, scheduler=args.scheduler,
+                          overwrite=args.overwrite, say=lambda line: print(f"{path.name}: {line}", file=sys.stderr))
+    print(json.dumps({"dask": summary}))
 
 
 class _Interrupted(Exception):
@@ -395,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stacks: training steps per plane after each channel's one cold start")
     p.add_argument("--tta", type=int, default=STACK_TTA, choices=(1, 2, 4, 8),
                    help="stacks: inference views (flips/rotations) averaged per plane")
+    p.add_argument("--workers", type=int, default=0,
+                   help="stacks: run on a Dask LocalCluster of N worker processes (output: OME-Zarr)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="stacks: run on an existing Dask cluster (output: OME-Zarr)")
     _add_model_args(p)
     p.set_defaults(func=cmd_denoise)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ from .presets import Preset, get_preset
 from .scaling import check_frame, from_unit, scaling_for, to_unit
 from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer, make_target
 
-__all__ = ["StackDenoiser", "denoise", "denoise_stack", "denoise_unit", "iter_denoised", "new_network",
-           "representative_plane"]
+__all__ = ["StackDenoiser", "channel_axis", "denoise", "denoise_plane", "denoise_stack", "denoise_unit",
+           "iter_denoised", "learn_channels", "new_network", "representative_plane"]
 
 # Stacks (benchmarks/stack.py, dev FMD fields as 4-plane stacks, seed 0; mean PSNR, s per plane after the
 # one cold start): single-image default on every plane 32.94 dB, 13.0 s; learnt once + inference with
@@ -135,16 +136,26 @@ class StackDenoiser:
         """The denoised plane (same dtype) with channel `channel`'s network (learnt first)."""
         check_frame(plane)
         trainer = self.trainers[channel]
-        scaling = scaling_for(plane)
-        unit = to_unit(plane, scaling)
-        raw_t = as_batch(unit, self.device)
         if self.finetune_steps:
+            unit = to_unit(plane, scaling_for(plane))
             s = self.schedule
             target = as_batch(make_target(unit, trainer.preset, s.target).numpy(), self.device)
             trainer.set_lr(s.lr_final)
             trainer.noise_steps(target, self.finetune_steps, s.crop, s.batch)
-        den = infer(trainer.net, raw_t, self.tta)[0, 0].float().cpu().numpy()
-        return from_unit(anchor(den, unit, self.anchor_sigma).numpy(), scaling, plane.dtype)
+        return denoise_plane(trainer.net, plane, self.tta, self.anchor_sigma)
+
+
+def denoise_plane(net: FM2SNet, plane: np.ndarray, tta: int = STACK_TTA,
+                  anchor_sigma: float = ANCHOR_SIGMA) -> np.ndarray:
+    """Inference of a learnt network on one uint8/uint16 plane, anchored, in the plane's dtype.
+
+    The one per-plane step of a stack, wherever it runs (this process or a Dask worker).
+    """
+    scaling = scaling_for(plane)
+    unit = to_unit(plane, scaling)
+    device = next(net.parameters()).device
+    den = infer(net, as_batch(unit, device), tta)[0, 0].float().cpu().numpy()
+    return from_unit(anchor(den, unit, anchor_sigma).numpy(), scaling, plane.dtype)
 
 
 def channel_axis(axes: str, ndim: int) -> int | None:
@@ -153,7 +164,7 @@ def channel_axis(axes: str, ndim: int) -> int | None:
 
 
 def iter_denoised(
-    data: np.ndarray,
+    data: Any,
     axes: str,
     denoiser: StackDenoiser,
     start: int = 0,
@@ -169,13 +180,23 @@ def iter_denoised(
     for index in planes[start:]:
         channel = index[c_axis] if c_axis is not None else 0
         if channel not in denoiser.trainers:
-            mine = [i for i in planes if c_axis is None or i[c_axis] == channel]
-            sample = mine[:: max(1, len(mine) // 64)]  # a representative plane among at most ~64
-            best = sample[representative_plane([data[i] for i in sample])]
-            denoiser.learn(channel, data[best])
-            if learnt is not None:
-                learnt(channel, planes.index(best))
-        yield index, denoiser.plane(channel, data[index])
+            learn_channels(data, axes, denoiser, [channel], learnt)
+        yield index, denoiser.plane(channel, np.asarray(data[index]))
+
+
+def learn_channels(data: Any, axes: str, denoiser: StackDenoiser, channels: list[int] | None = None,
+                   learnt: Callable[[int, int], None] | None = None) -> None:
+    """Learn each channel (all by default) of a stack on its representative plane (among <= ~64 sampled)."""
+    c_axis = channel_axis(axes, data.ndim)
+    planes = list(np.ndindex(*data.shape[:-2]))
+    wanted = channels if channels is not None else list(range(data.shape[c_axis])) if c_axis is not None else [0]
+    for channel in wanted:
+        mine = [i for i in planes if c_axis is None or i[c_axis] == channel]
+        sample = mine[:: max(1, len(mine) // 64)]
+        best = sample[representative_plane([np.asarray(data[i]) for i in sample])]
+        denoiser.learn(channel, np.asarray(data[best]))
+        if learnt is not None:
+            learnt(channel, planes.index(best))
 
 
 def denoise_stack(
