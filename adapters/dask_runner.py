@@ -74,6 +74,14 @@ def _reader(src: str) -> Callable[[tuple[int, ...], int], np.ndarray]:
     return lambda _index, n: pages[n].asarray()  # type: ignore[union-attr]
 
 
+def _warm_worker() -> int:
+    """(On a worker) import torch (this module brings the engine), one thread: paid before the timed blocks."""
+    import torch
+
+    torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def denoise_block(src: str, dst: str, shape: tuple[int, ...], axes: str, numbers: list[int],
                   nets: dict[int, ShippedNet]) -> int:
     """(On a worker) read, denoise and write planes `numbers` (C-order plane numbers); returns how many."""
@@ -99,8 +107,8 @@ def run_on_dask(src: Path, dst: Path, data: Any, axes: str, info: ImageInfo, den
                 say: Callable[[str], None] = print) -> dict[str, Any]:
     """Denoise stack `src` (its lazy `data`) into OME-Zarr `dst` on a LocalCluster of `workers` or at `scheduler`.
 
-    Returns timings and counts. The output store and its metadata are made first; `fm2s.complete`
-    is set only when every block is done.
+    Channels `denoiser` has not learnt yet are learnt here. Returns timings and counts. The output
+    store and its metadata are made first; `fm2s.complete` is set only when every block is done.
     """
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -109,8 +117,10 @@ def run_on_dask(src: Path, dst: Path, data: Any, axes: str, info: ImageInfo, den
     shape = tuple(int(s) for s in data.shape)
     writer = NgffWriter(dst, shape, np.dtype(data.dtype), axes, info, overwrite=overwrite)
     t0 = time.perf_counter()
-    learn_channels(data, axes, denoiser, learnt=lambda c, p: say(f"channel {c} learnt on plane {p} "
-                                                                 f"({time.perf_counter() - t0:.1f} s)"))
+    c_axis = channel_axis(axes, len(shape))
+    channels = [c for c in (range(shape[c_axis]) if c_axis is not None else [0]) if c not in denoiser.trainers]
+    learn_channels(data, axes, denoiser, channels, learnt=lambda c, p: say(f"channel {c} learnt on plane {p} "
+                                                                           f"({time.perf_counter() - t0:.1f} s)"))
     learn_s = time.perf_counter() - t0
     nets = ship(denoiser)
     cluster = None
@@ -122,6 +132,7 @@ def run_on_dask(src: Path, dst: Path, data: Any, axes: str, info: ImageInfo, den
     try:
         n_workers = len(client.scheduler_info().get("workers", {}))
         say(f"dask: {n_workers} worker(s) at {client.scheduler_info().get('address')}")
+        client.run(_warm_worker)
         shipped = client.scatter([nets], broadcast=True)[0]  # (a dict alone would be scattered key by key)
         total = writer.total
         blocks = [list(range(i, min(i + BLOCK_PLANES, total))) for i in range(0, total, BLOCK_PLANES)]

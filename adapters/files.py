@@ -17,7 +17,7 @@ from ..frame import Frame
 from ..pipeline import Pipeline
 
 __all__ = ["FileSource", "ImageFileError", "ImageInfo", "StackWriter", "check_output", "iter_planes", "read_image",
-           "read_info", "write_image"]
+           "read_info", "read_stack", "write_image"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -94,6 +94,17 @@ def read_info(path: str | Path) -> ImageInfo:
     channels = channels if isinstance(channels, list) else [channels]
     names = [str(c.get("Name", "")) for c in channels if isinstance(c, dict)]
     return ImageInfo(names if all(names) else [], {k: pixels[k] for k in CARRIED if k in pixels})
+
+
+def read_stack(path: str | Path) -> tuple[Any, str, ImageInfo]:
+    """(pixels, axes, info) of any stored image: PNG/TIFF in memory, an OME-Zarr as its lazy level-0 array."""
+    from .ngff import is_zarr, read_ngff
+
+    path = Path(path)
+    if is_zarr(path):
+        return read_ngff(path)
+    data, axes = read_image(path)
+    return data, axes, read_info(path)
 
 
 def check_output(path: Path, many: bool = False) -> None:
@@ -212,11 +223,20 @@ class FileSource:
         self._stop = False
 
     def frames(self) -> Iterator[Frame]:
-        """The file's planes as Frames (t = plane index, frame_id = plane index)."""
-        data, _ = read_image(self.path)
-        planes = data.reshape(-1, *data.shape[-2:]) if data.ndim > 2 else data[None]
-        for i, plane in enumerate(planes):
-            yield Frame(np.ascontiguousarray(plane), channel=self.channel, t=i, frame_id=i)
+        """The file's planes as Frames, in file order: a C axis picks the channel (OME names, else
+        `<channel>-<c>`), T/Z the frame's t/z, any other leading axis counts as T; frame_id = plane number."""
+        data, axes, info = read_stack(self.path)
+        names = info.channel_names
+        lead = axes[:-2] if len(axes) == data.ndim else "T" * (data.ndim - 2)
+        for i, index in enumerate(np.ndindex(*data.shape[:-2])):
+            where = dict(zip(lead, index))
+            c = where.get("C")
+            channel = self.channel if c is None else names[c] if len(names) > c else f"{self.channel}-{c}"
+            t = int(np.ravel_multi_index([index[k] for k, a in enumerate(lead) if a not in "CZ"],
+                                         [data.shape[k] for k, a in enumerate(lead) if a not in "CZ"])) if any(
+                a not in "CZ" for a in lead) else 0
+            yield Frame(np.ascontiguousarray(data[index]), channel=channel, t=t, z=int(where.get("Z", 0)),
+                        frame_id=i)
 
     def start(self, pipeline: Pipeline) -> None:
         """Submit every plane (blocking; paced at `fps` when > 0)."""

@@ -35,7 +35,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     """Denoise image files; returns the exit code (1 if any input failed, 130 if interrupted)."""
     import torch
 
-    from .adapters.files import ImageFileError, check_output, write_image
+    from .adapters.files import ImageFileError, check_output, read_stack, write_image
     from .offline import denoise
 
     torch.set_num_threads(args.threads)
@@ -57,7 +57,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     for path in inputs:
         target = (out / path.name) if (many or out.is_dir()) else out
         try:
-            data, axes, info = _read_input(path)
+            data, axes, info = read_stack(path)
             t0 = time.perf_counter()
             if data.ndim > 2 and (args.workers or args.scheduler):
                 _denoise_on_dask(path, target, data, axes, info, args)
@@ -87,17 +87,6 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 def _is_zarr(path: Path) -> bool:
     return path.suffix.lower() == ".zarr"
-
-
-def _read_input(path: Path):  # type: ignore[no-untyped-def]
-    """(pixels, axes, ImageInfo): a TIFF/PNG in memory, an OME-Zarr as its lazy level-0 array."""
-    from .adapters.files import read_image, read_info
-    from .adapters.ngff import is_zarr, read_ngff
-
-    if is_zarr(path):
-        return read_ngff(path)
-    data, axes = read_image(path)
-    return data, axes, read_info(path)
 
 
 def _denoise_on_dask(path: Path, target: Path, data: Any, axes: str, info: Any, args: argparse.Namespace) -> None:
@@ -308,7 +297,11 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    """Capture wire-format frames (PULL or SUB) into a crash-safe TIFF, until N frames or Ctrl-C."""
+    """Capture wire-format frames (PULL or SUB) into a crash-safe TIFF, until N frames or Ctrl-C.
+
+    serve's outputs (headers with "fm2s") go to received_denoised_NNN.ome.tif with each page's fm2s
+    fields; raw frames to received_raw_NNN.ome.tif.
+    """
     import zmq
 
     from .frame import Result
@@ -325,9 +318,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sock.connect(args.from_)
-    sink = TiffSink(args.save, kind="raw", prefix="received") if args.save else None
-    if sink:
-        sink.open()
+    sink: TiffSink | None = None  # made at the first frame: "denoised" files for serve's outputs, else "raw"
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -341,13 +332,18 @@ def cmd_receive(args: argparse.Namespace) -> int:
         parts = sock.recv_multipart(copy=False)
         try:
             frame = decode([p.buffer for p in parts])
+            fm2s = json.loads(bytes(parts[0].buffer)).get("fm2s")
         except WireError as exc:
             bad += 1
             print(f"malformed message: {exc}", file=sys.stderr)
             continue
         got += 1
+        if args.save and sink is None:
+            sink = TiffSink(args.save, kind="denoised" if isinstance(fm2s, dict) else "raw", prefix="received")
+            sink.open()
         if sink:
-            sink.write(Result(frame, frame.pixels, "received", False, 0, 0.0))
+            fields = fm2s if isinstance(fm2s, dict) else {"status": "received"}
+            sink.write(Result.from_processing(frame, fields))
     if sink:
         sink.close()
     sock.close(linger=0)

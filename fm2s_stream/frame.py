@@ -83,6 +83,18 @@ class Result:
     averaged: float = 1.0
     cold_start: float = 1.0
 
+    @classmethod
+    def from_processing(cls, frame: Frame, fields: dict[str, Any]) -> Result:
+        """The Result a received output frame describes (`frame.pixels` are its denoised pixels)."""
+        def num(key: str, default: float) -> float:
+            value = fields.get(key, default)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+        reason = fields.get("reason")
+        return cls(frame, frame.pixels, str(fields.get("status", "received")), bool(fields.get("degraded", False)),
+                   int(num("steps", 0)), num("latency_ms", 0.0), reason if isinstance(reason, str) else None,
+                   num("frames_averaged", 1.0), num("cold_start_progress", 1.0))
+
     def processing(self) -> dict[str, Any]:
         """The processing fields added to a frame's header on output."""
         return {"status": self.status, "degraded": self.degraded, "steps": self.steps,
