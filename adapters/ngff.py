@@ -8,6 +8,7 @@ plane is its own chunk so that any process (a Dask worker) can write any plane.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from .files import ImageFileError, ImageInfo
 
-__all__ = ["NGFF_VERSION", "NgffWriter", "is_zarr", "ngff_attrs", "read_ngff"]
+__all__ = ["NGFF_VERSION", "NgffWriter", "ZarrSink", "is_zarr", "ngff_attrs", "read_ngff"]
 
 
 NGFF_VERSION = "0.5"
@@ -179,3 +180,163 @@ def _storage_order(axes: str, ndim: int) -> tuple[list[int], str]:
 def _nth(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     """The n-th plane index of a stack of `shape` in C order."""
     return tuple(int(i) for i in np.unravel_index(n, shape[:-2]))
+
+
+T_STEP = 64  # a streaming store's T extent grows by this many frames at a time (one metadata write each)
+FRAMES_LOG = "fm2s_frames.jsonl"
+
+
+class ZarrSink:
+    """Streams frames into `<directory>/<prefix>_<kind>_<NNN>.ome.zarr` (NGFF 0.5, T C Y X, a chunk per frame).
+
+    Channels get C indices in order of first appearance (C grows when a new one comes), T counts each
+    channel's frames. Crash behaviour: a frame's chunk is written, and its header appended (flushed)
+    to `fm2s_frames.jsonl` in the store, before `write` returns, i.e. before the frame is published,
+    so a kill -9 leaves every acknowledged frame readable; the T extent is allocated T_STEP frames
+    ahead (planes not yet written read as 0; the log says which exist). A clean `close` trims T to
+    the frames written, writes the channel labels and marks `fm2s.complete`. Stores roll every
+    `roll_every` frames and on a shape or dtype change; a disk error is reported as a gap, and
+    writing is retried in a new store after `retry_s`.
+    """
+
+    def __init__(self, directory: str | Path, kind: str = "denoised", prefix: str = "fm2s", roll_every: int = 10_000,
+                 pixel_size_um: float | None = None, retry_s: float = 2.0) -> None:
+        from ..tiffsink import KINDS, safe_name
+
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        _zarr()
+        self.directory, self.kind, self.prefix = Path(directory), kind, safe_name(prefix)
+        self.roll_every, self.pixel_size_um, self.retry_s = roll_every, pixel_size_um, retry_s
+        self.name = f"zarr-{kind}"
+        self.files: list[Path] = []
+        self.finalised: list[Path] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.written = 0
+        self._next_index = 0
+        self._store: _OpenStore | None = None
+        self._failed_at: float | None = None
+
+    def open(self) -> None:
+        """Create the directory (the first store is created with the first frame)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _new_store(self, shape: tuple[int, ...], dtype: np.dtype) -> _OpenStore:
+        while True:
+            path = self.directory / f"{self.prefix}_{self.kind}_{self._next_index:03d}.ome.zarr"
+            self._next_index += 1
+            try:
+                path.mkdir()  # exclusive: never writes into an existing store
+            except FileExistsError:
+                continue
+            break
+        self.files.append(path)
+        return _OpenStore(path, shape, dtype, self.pixel_size_um)
+
+    def write(self, result: Any) -> None:
+        """Store one frame (chunk + log line) before returning; raise OSError if it could not be."""
+        import time
+
+        pixels = result.pixels if self.kind == "denoised" else result.frame.pixels
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < self.retry_s:
+            self._gap(result, self.gaps[-1]["reason"] if self.gaps else "disk unavailable")
+            raise OSError(f"{self.name}: frame {result.frame.frame_id} not written (disk unavailable)")
+        s = self._store
+        try:
+            if s is not None and (s.shape != pixels.shape or s.dtype != pixels.dtype or s.frames >= self.roll_every):
+                self._finish(s)
+                s = self._store = None
+            if s is None:
+                s = self._store = self._new_store(pixels.shape, pixels.dtype)
+            header = {**result.frame.identity(), "meta": result.frame.meta, "kind": self.kind}
+            if self.kind == "denoised":
+                header["fm2s"] = result.processing()
+            s.append(np.ascontiguousarray(pixels), header)
+            self.written += 1
+            self._failed_at = None
+            if self.gaps and self.gaps[-1]["open"]:
+                self.gaps[-1]["open"] = False
+        except OSError as exc:
+            self._failed_at = now
+            self._gap(result, f"{type(exc).__name__}: {exc}")
+            self._store = None
+            raise
+
+    def _gap(self, result: Any, reason: str) -> None:
+        fid = result.frame.frame_id
+        gap = self.gaps[-1] if self.gaps and self.gaps[-1]["open"] else None
+        if gap is None:
+            gap = {"first_frame_id": fid, "last_frame_id": fid, "count": 0, "reason": reason, "open": True}
+            self.gaps.append(gap)
+        gap["last_frame_id"] = fid
+        gap["count"] += 1
+
+    def _finish(self, s: _OpenStore) -> None:
+        s.finish()
+        self.finalised.append(s.path)
+
+    def close(self) -> None:
+        """Trim and finalise the open store."""
+        s, self._store = self._store, None
+        if s is not None:
+            self._finish(s)
+        for gap in self.gaps:
+            gap["open"] = False
+
+    def stats(self) -> dict[str, Any]:
+        """Stores, frames written and gaps, for reports."""
+        return {"files": [str(p) for p in self.files], "written": self.written, "gaps": self.gaps}
+
+
+class _OpenStore:
+    """One streaming OME-Zarr store: its T C Y X array, channel indices, per-channel T counts, the frames log."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, pixel_size_um: float | None) -> None:
+        zarr = _zarr()
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.channels: list[str] = []
+        self.counts: list[int] = []
+        self.frames = 0
+        self.capacity = T_STEP
+        sizes = {"PhysicalSizeX": pixel_size_um, "PhysicalSizeY": pixel_size_um} if pixel_size_um else {}
+        self.info = ImageInfo([], sizes)
+        self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        self._attrs(complete=False, n_c=1)
+        self.array = self.group.create_array("0", shape=(T_STEP, 1, *self.shape), dtype=self.dtype,
+                                             chunks=(1, 1, *self.shape), dimension_names=["t", "c", "y", "x"],
+                                             fill_value=0, config={"write_empty_chunks": True})
+        self.log = open(path / FRAMES_LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish
+
+    def _attrs(self, complete: bool, n_c: int) -> None:
+        info = ImageInfo(self.channels if len(self.channels) == n_c else [], self.info.pixels)
+        t = max(self.counts) if complete and self.counts else self.capacity
+        self.group.attrs.update({"ome": ngff_attrs((t, n_c, *self.shape), "TCYX", info, name=self.path.name),
+                                 "fm2s": {"complete": complete, "frames": self.frames, "log": FRAMES_LOG}})
+
+    def append(self, pixels: np.ndarray, header: dict[str, Any]) -> None:
+        name = header["channel"]
+        if name not in self.channels:
+            self.channels.append(name)
+            self.counts.append(0)
+            if len(self.channels) > self.array.shape[1]:
+                self.array.resize((self.capacity, len(self.channels), *self.shape))
+                self._attrs(complete=False, n_c=len(self.channels))
+        c = self.channels.index(name)
+        t = self.counts[c]
+        if t >= self.capacity:
+            self.capacity += T_STEP
+            self.array.resize((self.capacity, self.array.shape[1], *self.shape))
+            self._attrs(complete=False, n_c=self.array.shape[1])
+        self.array[t, c] = pixels
+        self.log.write(json.dumps({**header, "T": t, "C": c}, default=str) + "\n")
+        self.log.flush()
+        self.counts[c] += 1
+        self.frames += 1
+
+    def finish(self) -> None:
+        self.log.close()
+        n_t = max(self.counts) if self.counts else 0
+        if n_t:
+            self.array.resize((n_t, self.array.shape[1], *self.shape))
+        self._attrs(complete=True, n_c=self.array.shape[1])

@@ -50,6 +50,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         if (args.workers or args.scheduler) and not _is_zarr(out):
             raise ImageFileError(f"{out}: --workers/--scheduler write OME-Zarr (give -o OUT.ome.zarr): "
                                  "the workers write planes in parallel")
+        if (args.workers or args.scheduler) and args.average > 1:
+            raise ImageFileError("--average needs the whole series in one process; drop --workers/--scheduler")
     except ImageFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -146,20 +148,38 @@ def _denoise_stack_file(path: Path, target: Path, data, axes: str, info, args: a
     since: list[float] = [t0, start]
     if start:
         print(f"{path.name}: resuming at plane {start} of {writer.total}", file=sys.stderr)
+    if args.average > 1:  # the average needs each series' future: denoise all, average, then write
+        if args.resume and start:
+            raise ImageFileError(f"{target}: --resume cannot continue an --average run; start it again")
+        if len(axes) != data.ndim or "T" not in axes[:-2]:
+            raise ImageFileError(f"{path}: --average needs a T axis; this stack's axes are {axes!r}")
+    averaged = np.empty(data.shape, data.dtype) if args.average > 1 else None
     try:
-        for _index, plane in iter_denoised(data, axes, denoiser, start=start, learnt=learnt):
-            writer.write(plane)
-            _stack_progress(path.name, writer.done, writer.total, int(since[1]), since[0])
+        for index, plane in iter_denoised(data, axes, denoiser, start=start, learnt=learnt):
+            if averaged is not None:
+                averaged[index] = plane
+            else:
+                writer.write(plane)
+            _stack_progress(path.name, writer.done if averaged is None else int(np.ravel_multi_index(
+                index, data.shape[:-2])) + 1, writer.total, int(since[1]), since[0])
             if stop.is_set():
                 break
+        if averaged is not None and not stop.is_set():
+            from .offline import average_stack
+
+            print(f"{path.name}: averaging over up to {args.average} frames along T (past and future)",
+                  file=sys.stderr)
+            for plane in average_stack(data, averaged, axes, args.average).reshape(-1, *data.shape[-2:]):
+                writer.write(plane)
     except _Interrupted:
         pass
     finally:
         signal.signal(signal.SIGINT, previous)
     if writer.done < writer.total:
         writer.close()
-        print(f"\ninterrupted: {target} holds planes 0-{writer.done - 1} of {writer.total}; "
-              f"run the same command with --resume to finish it", file=sys.stderr)
+        resume = "run the same command with --resume to finish it" if args.average <= 1 else "run it again"
+        print(f"\ninterrupted: {target} holds {writer.done} of {writer.total} planes (in order); {resume}",
+              file=sys.stderr)
         return 130
     writer.finish()
     return 0
@@ -180,7 +200,8 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return ServiceOptions(
         source=args.source, source_type=args.source_type, publish=args.publish, preview=args.preview,
-        save=Path(args.save) if args.save else None, save_kind=args.save_kind, roll_every=args.roll_every,
+        save=Path(args.save) if args.save else None, save_kind=args.save_kind, save_format=args.save_format,
+        roll_every=args.roll_every,
         pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal, average_frames=args.average,
         cold_start_steps=args.cold_start_steps, cold_start=args.cold_start,
@@ -410,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stacks: training steps per plane after each channel's one cold start")
     p.add_argument("--tta", type=int, default=STACK_TTA, choices=(1, 2, 4, 8),
                    help="stacks: inference views (flips/rotations) averaged per plane")
+    p.add_argument("--average", type=int, default=1, metavar="N",
+                   help="stacks with a T axis: registered temporal average over up to N frames, past and "
+                        "future (1 = off; holds the stack in memory)")
     p.add_argument("--workers", type=int, default=0,
                    help="stacks: run on a Dask LocalCluster of N worker processes (output: OME-Zarr)")
     p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
@@ -417,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_denoise)
 
-    from .service import ServiceOptions
+    from .service import SAVE_FORMATS, ServiceOptions
 
     d = ServiceOptions()  # serve's defaults are ServiceOptions' (which reads the pipeline's and channel's)
     p = sub.add_parser("serve", help="denoise a ZMQ frame stream until interrupted",
@@ -428,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", default=d.preview, help="PUB endpoint for the lossy live preview")
     p.add_argument("--save", default=None, help="directory for OME-TIFF files")
     p.add_argument("--save-kind", default=d.save_kind, choices=["denoised", "raw", "both"])
+    p.add_argument("--save-format", default=d.save_format, choices=list(SAVE_FORMATS),
+                   help="files --save writes (ome-zarr needs the [zarr] extra)")
     p.add_argument("--roll-every", type=int, default=d.roll_every, help="frames per file")
     p.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (OME metadata)")
     p.add_argument("--budget-ms", type=float, default=d.budget_ms, help="latency budget per frame")

@@ -15,8 +15,8 @@ from .presets import Preset, get_preset
 from .scaling import check_frame, from_unit, scaling_for, to_unit
 from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer, make_target
 
-__all__ = ["StackDenoiser", "channel_axis", "denoise", "denoise_plane", "denoise_stack", "denoise_unit",
-           "iter_denoised", "learn_channels", "new_network", "representative_plane"]
+__all__ = ["StackDenoiser", "average_stack", "channel_axis", "denoise", "denoise_plane", "denoise_stack",
+           "denoise_unit", "iter_denoised", "learn_channels", "new_network", "representative_plane"]
 
 # Stacks (benchmarks/stack.py, dev FMD fields as 4-plane stacks, seed 0; mean PSNR, s per plane after the
 # one cold start): single-image default on every plane 32.94 dB, 13.0 s; learnt once + inference with
@@ -199,6 +199,27 @@ def learn_channels(data: Any, axes: str, denoiser: StackDenoiser, channels: list
             learnt(channel, planes.index(best))
 
 
+def average_stack(raw: Any, denoised: np.ndarray, axes: str, frames: int, non_causal: bool = True) -> np.ndarray:
+    """Registered temporal average of a denoised stack along its T axis (past and future neighbours).
+
+    Each series (every index of the other leading axes: a channel, a z, a position) is averaged on
+    its own (`temporal.average_series`); the result has `denoised`'s dtype.
+    """
+    from .temporal import average_series
+
+    if len(axes) != denoised.ndim or "T" not in axes[:-2]:
+        raise ValueError(f"temporal averaging needs a T axis; this stack's axes are {axes!r}")
+    t_axis = axes.index("T")
+    raw_t, den_t = np.moveaxis(np.asarray(raw), t_axis, 0), np.moveaxis(denoised, t_axis, 0)
+    out_t = np.empty_like(den_t)
+    info = np.iinfo(denoised.dtype)
+    for rest in np.ndindex(*den_t.shape[1:-2]):
+        series = (slice(None), *rest)
+        avg = average_series(list(raw_t[series]), list(den_t[series]), frames, non_causal=non_causal)
+        out_t[series] = np.clip(np.rint(np.stack(avg)), info.min, info.max)
+    return np.moveaxis(out_t, 0, t_axis)
+
+
 def denoise_stack(
     data: np.ndarray,
     axes: str = "",
@@ -211,11 +232,14 @@ def denoise_stack(
     on_step: Callable[[int], None] | None = None,
     finetune_steps: int = STACK_FINETUNE_STEPS,
     tta: int = STACK_TTA,
+    average: int = 1,
 ) -> np.ndarray:
     """Denoise a 2D frame (exactly `denoise`) or an N-D stack (last two axes Y, X) plane by plane.
 
     A stack gets one network per channel (the "C" axis of `axes`, if any), learnt once on a
-    representative plane, then `finetune_steps` per plane and inference (`StackDenoiser`).
+    representative plane, then `finetune_steps` per plane and inference (`StackDenoiser`); with
+    `average` > 1, a non-causal registered temporal average over up to that many frames along T
+    (`average_stack`).
     """
     if data.ndim == 2:
         return denoise(data, preset, method, device, seed, anchor_sigma, on_step)
@@ -228,4 +252,4 @@ def denoise_stack(
         out[index] = plane
         if progress is not None:
             progress(i + 1, total)
-    return out
+    return average_stack(data, out, axes, average) if average > 1 else out

@@ -26,6 +26,8 @@ __all__ = ["ServiceOptions", "StreamService", "default_of"]
 
 log = logging.getLogger(__name__)
 
+SAVE_FORMATS = ("ome-tiff", "ome-zarr")
+
 
 def default_of(cls: type, name: str) -> Any:
     """The default of a dataclass field: argparse and the demo read defaults from here, never repeat them."""
@@ -44,6 +46,7 @@ class ServiceOptions:
     preview: str | None = None
     save: Path | None = None
     save_kind: str = "denoised"
+    save_format: str = "ome-tiff"  # or "ome-zarr" (extra [zarr])
     roll_every: int = 10_000
     pixel_size_um: float | None = None
     preset: str = "auto"
@@ -92,13 +95,19 @@ class StreamService:
         config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads, queue_size=o.queue_size,
                                 max_finetune_steps=o.max_finetune_steps, cold_start=o.cold_start,
                                 state_dir=str(o.state) if o.state else None)
-        self.tiffs: list[TiffSink] = []
+        self.files: list[Any] = []  # TiffSink or ZarrSink per kind saved
         if o.save is not None:
+            if o.save_format not in SAVE_FORMATS:
+                raise ValueError(f"save format must be one of {SAVE_FORMATS}, got {o.save_format!r}")
+            if o.save_format == "ome-zarr":
+                from .adapters.ngff import ZarrSink as sink_class
+            else:
+                sink_class = TiffSink  # type: ignore[assignment]
             kinds = ("denoised", "raw") if o.save_kind == "both" else (o.save_kind,)
             for kind in kinds:
-                self.tiffs.append(TiffSink(o.save, kind, roll_every=o.roll_every, pixel_size_um=o.pixel_size_um))
+                self.files.append(sink_class(o.save, kind, roll_every=o.roll_every, pixel_size_um=o.pixel_size_um))
         self.push = ZmqPushSink(o.publish, self.context, curve=self.curve) if o.publish else None
-        durable: list[FrameSink] = [*self.tiffs, *([self.push] if self.push else [])]
+        durable: list[FrameSink] = [*self.files, *([self.push] if self.push else [])]
         sinks: list[FrameSink] = [SinkChain(durable)] if durable else []
         previews: list[FrameSink] = [PreviewPubSink(o.preview, self.context, self.curve)] if o.preview else []
         self.pipeline = Pipeline(config, sinks, previews)
@@ -126,7 +135,7 @@ class StreamService:
         stats["source"] = {"received": self.source.received, "malformed": self.source.malformed}
         if self.push is not None:
             stats["publish"] = self.push.stats()
-        stats["files"] = {t.kind: t.stats() for t in self.tiffs}
+        stats["files"] = {t.kind: t.stats() for t in self.files}
         stats["memory_bound_mb"] = self.memory_bound_bytes() / 2**20
         return stats
 

@@ -36,7 +36,7 @@ from .ops import BOX3, BOX7, halve, host_kernels, separable, shift_fraction
 from .registration import subpixel_shift
 from .stages import StageClock
 
-__all__ = ["TemporalAverage"]
+__all__ = ["TemporalAverage", "average_series"]
 
 SCENE_CHANGE = 0.3  # fraction of changed pixels above which the whole field restarts
 CHI2_MEDIAN = 0.4549  # median of a chi-square variable with one degree of freedom
@@ -390,3 +390,35 @@ def _roll(a: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
     out[:, : max(dx, 0)] = 0
     out[:, out.shape[1] + min(dx, 0) :] = 0
     return out
+
+
+def average_series(raw: list[np.ndarray], denoised: list[np.ndarray], max_frames: int = 8, threshold: float = 4.0,
+                   non_causal: bool = True) -> list[np.ndarray]:
+    """The registered temporal average over a stored series of one channel and position (float32 out).
+
+    Causal: each frame averages with its past, as the stream does. Non-causal: also with its future:
+    the series is averaged forwards and backwards and each pixel combines both,
+    (n_f * fwd + n_b * bwd - frame) / (n_f + n_b - 1), n_f, n_b its frames averaged each way (the
+    frame itself is in both), so a change restarts the average on both sides of it.
+    """
+    def one_way(order: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        avg = TemporalAverage(max_frames, threshold)
+        outs: list[torch.Tensor] = [torch.empty(0)] * len(order)
+        counts: list[torch.Tensor] = [torch.empty(0)] * len(order)
+        for i in order:
+            r = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32))
+            d = torch.from_numpy(np.ascontiguousarray(denoised[i], dtype=np.float32))
+            outs[i], _ = avg.apply(r, d)
+            state = avg._states.get((0, 0))
+            counts[i] = state.count.clone() if state is not None and max_frames > 1 else torch.ones_like(d)
+        return outs, counts
+
+    fwd, n_f = one_way(list(range(len(raw))))
+    if not non_causal:
+        return [f.numpy() for f in fwd]
+    bwd, n_b = one_way(list(range(len(raw)))[::-1])
+    result = []
+    for i, d in enumerate(denoised):
+        cur = torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32))
+        result.append(((n_f[i] * fwd[i] + n_b[i] * bwd[i] - cur) / (n_f[i] + n_b[i] - 1)).numpy())
+    return result

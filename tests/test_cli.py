@@ -217,3 +217,21 @@ def test_axes_out_of_ngff_order_are_stored_in_ngff_order(tmp_path):
     array, axes, info = read_ngff(tmp_path / "z.ome.zarr")
     assert axes == "CZYX" and array.shape == (2, 3, 8, 8) and info.channel_names == ["a", "b"]
     assert array[1, 2, 0, 0] == 5 and array[0, 1, 0, 0] == 2
+
+
+def test_average_smooths_a_still_time_lapse_along_t_only(tmp_path):
+    cam = Camera(gain=900.0, offset=300)
+    base = TimeLapse((48, 64), cam, seed=1, peak=40, drift=(0.0, 0.0))
+    stack = np.stack([base.frame(t)[0] for t in range(6)])
+    src = tmp_path / "still.ome.tif"
+    tifffile.imwrite(src, stack, ome=True, metadata={"axes": "TYX"})
+    plain, averaged = tmp_path / "plain.ome.tif", tmp_path / "avg.ome.tif"
+    args = ["--device", "cpu", "--threads", "1"]
+    assert cli.main(["denoise", str(src), "-o", str(plain), *args]) == 0
+    assert cli.main(["denoise", str(src), "-o", str(averaged), "--average", "6", *args]) == 0
+    a, b = tifffile.imread(plain).astype(float), tifffile.imread(averaged).astype(float)
+    assert b.shape == stack.shape
+    assert b.std(axis=0).mean() < 0.6 * a.std(axis=0).mean()  # flicker between frames cut
+    z = tmp_path / "z.tif"
+    tifffile.imwrite(z, stack, ome=True, metadata={"axes": "ZYX"})
+    assert cli.main(["denoise", str(z), "-o", str(tmp_path / "zo.tif"), "--average", "4", *args]) == 1

@@ -188,3 +188,64 @@ def test_registration_follows_a_panning_stage_and_the_guard_rejects_a_new_scene(
     np.testing.assert_allclose(pair[0].numpy(), pair[1].numpy(), atol=0.4)
     other = ndimage.gaussian_filter(rng.uniform(0, 1, (256, 256)), 3) * 4
     assert aligned_pair(t(a), t(other), threshold=3.0) is None
+
+
+def test_serve_to_ome_zarr_sigkill_keeps_every_acknowledged_frame_and_a_clean_stop_finalises(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cmd = serve_command("--source", src, "--publish", pub, "--save", str(tmp_path), "--threads", "1",
+                        "--status-every", "0", "--save-format", "ome-zarr", "--save-kind", "both")
+    ctx = zmq.Context.instance()
+    frames = noisy_frames(5)
+
+    def stream(n: int, channels: tuple[str, ...]) -> list[int]:
+        push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        push.connect(src)
+        pull.connect(pub)
+        pull.setsockopt(zmq.RCVTIMEO, 30000)
+        acked = []
+        for i in range(n):
+            ch = channels[i % len(channels)]
+            push.send_multipart([json.dumps({"v": 1, "dtype": "<u2", "shape": [64, 64], "frame_id": i,
+                                             "channel": ch, "t": i // len(channels)}).encode(),
+                                 frames[i % 5].tobytes()])
+            acked.append(json.loads(pull.recv_multipart()[0])["frame_id"])
+        push.close(0)
+        pull.close(0)
+        return acked
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE)
+    try:
+        acked = stream(140, ("GFP", "RFP"))  # 70 per channel: past the first T extent (64) allocated
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stores = sorted(tmp_path.glob("*.ome.zarr"))
+    assert [s.name for s in stores] == ["fm2s_denoised_000.ome.zarr", "fm2s_raw_000.ome.zarr"]
+    raw = zarr.open_group(str(stores[1]), mode="r")
+    log = [json.loads(line) for line in (stores[1] / "fm2s_frames.jsonl").read_text().splitlines()]
+    assert [h["frame_id"] for h in log] == acked == list(range(140))
+    assert raw.attrs["fm2s"]["complete"] is False
+    for h in log:  # every acknowledged raw frame reads back, bit for bit, where the log says
+        np.testing.assert_array_equal(raw["0"][h["T"], h["C"]], frames[h["frame_id"] % 5])
+    fault_row("serve --save-format ome-zarr killed with SIGKILL", 140, len(acked), len(log), 0,
+              "every acknowledged frame read back from the OME-Zarr")
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=OUTSIDE)
+    try:
+        time.sleep(3)
+        stream(4, ("GFP", "RFP"))
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    new = tmp_path / "fm2s_denoised_001.ome.zarr"
+    group = zarr.open_group(str(new), mode="r")
+    assert group.attrs["fm2s"]["complete"] is True and group["0"].shape == (2, 2, 64, 64)
+    assert [c["label"] for c in group.attrs["ome"]["omero"]["channels"]] == ["GFP", "RFP"]
+    heads = [json.loads(line) for line in (new / "fm2s_frames.jsonl").read_text().splitlines()]
+    assert all(h["fm2s"]["status"] in ("bootstrap", "denoised") for h in heads)
