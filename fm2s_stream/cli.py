@@ -70,7 +70,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             else:
                 if target.exists() and not args.overwrite:
                     raise ImageFileError(f"{target}: exists; pass --overwrite to replace it")
-                result = denoise(np.asarray(data), args.preset, args.method, args.device, args.seed)
+                result = denoise(np.asarray(data), args.preset, args.method, args.device, args.seed, init=args.init)
                 if _is_zarr(target):
                     from .adapters.ngff import NgffWriter
 
@@ -99,7 +99,7 @@ def _denoise_on_dask(path: Path, target: Path, data: Any, axes: str, info: Any, 
         raise ValueError(f"--workers/--scheduler need Dask: pip install 'fm2s-stream[dask]' ({exc})") from None
     from .offline import StackDenoiser
 
-    denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed, tta=args.tta)
+    denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed, tta=args.tta, init=args.init)
     summary = run_on_dask(path, target, data, axes, info, denoiser, workers=args.workers, scheduler=args.scheduler,
                           overwrite=args.overwrite, say=lambda line: print(f"{path.name}: {line}", file=sys.stderr))
     print(json.dumps({"dask": summary}))
@@ -141,7 +141,7 @@ def _denoise_stack_file(path: Path, target: Path, data, axes: str, info, args: a
         since[:] = [time.perf_counter(), writer.done]  # the rate (and ETA) counts planes after a cold start
 
     denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed,
-                             finetune_steps=args.finetune_steps, on_step=on_step, tta=args.tta)
+                             finetune_steps=args.finetune_steps, on_step=on_step, tta=args.tta, init=args.init)
     previous = signal.signal(signal.SIGINT, on_sigint)
     t0 = time.perf_counter()
     start = writer.done
@@ -204,7 +204,7 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         roll_every=args.roll_every,
         pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal, average_frames=args.average,
-        cold_start_steps=args.cold_start_steps, cold_start=args.cold_start,
+        cold_start_steps=args.cold_start_steps, cold_start=args.cold_start, init=args.init,
         allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
         curve=Path(args.curve) if args.curve else None, state=Path(args.state) if args.state else None,
     )
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    from .offline import STACK_FINETUNE_STEPS, STACK_TTA
+    from .offline import OFFLINE_INIT, STACK_FINETUNE_STEPS, STACK_TTA
 
     p = sub.add_parser("denoise", help="denoise PNG/TIFF files (2D frames or stacks)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish a stack output left by Ctrl-C or a crash")
     p.add_argument("--finetune-steps", type=int, default=STACK_FINETUNE_STEPS,
                    help="stacks: training steps per plane after each channel's one cold start")
+    p.add_argument("--init", default=OFFLINE_INIT, choices=["generic", "random"],
+                   help="where the network starts: the generic network shipped in the package, or random weights")
     p.add_argument("--tta", type=int, default=STACK_TTA, choices=(1, 2, 4, 8),
                    help="stacks: inference views (flips/rotations) averaged per plane")
     p.add_argument("--average", type=int, default=1, metavar="N",
@@ -463,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-temporal", action="store_true", help="no Noise2Noise-in-time fine-tuning")
     p.add_argument("--cold-start-steps", "--bootstrap-steps", dest="cold_start_steps", type=int,
                    default=d.cold_start_steps, help="training steps of a channel's cold start")
+    p.add_argument("--init", default=d.init, metavar="auto|random|generic|CHANNEL",
+                   help="where a new channel's network starts (CHANNEL: that channel's trained network)")
     p.add_argument("--state", default=None, metavar="DIR",
                    help="keep what each channel learnt in DIR: known channels start warm next time")
     p.add_argument("--average", type=int, default=d.average_frames, metavar="N",

@@ -24,7 +24,6 @@ import numpy as np
 __all__ = ["add_demo_parser", "run_demo"]
 
 CHANNELS = ("GFP", "mCherry")
-DEMO_COLD_START_STEPS = 300  # shorter than serve's so a 30 s demo shows the network
 
 
 def free_port() -> int:
@@ -65,9 +64,10 @@ def run_demo(
     device: str = "auto",
     seed: int = 0,
     say: Callable[[str], None] = print,
-    cold_start_steps: int = DEMO_COLD_START_STEPS,
+    cold_start_steps: int | None = None,
     average_frames: int | None = None,
     state: Path | None = None,
+    init: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its report (also written to report.json in the run directory).
 
@@ -94,7 +94,11 @@ def run_demo(
         truth[i] = gt
     src, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     options = ServiceOptions(source=src, publish=pub, save=run, save_kind="both", preset=preset,
-                             cold_start_steps=cold_start_steps, device=device, seed=seed, state=state)
+                             device=device, seed=seed, state=state)
+    if cold_start_steps is not None:
+        options.cold_start_steps = cold_start_steps
+    if init is not None:
+        options.init = init
     if budget_ms is not None:
         options.budget_ms = budget_ms
     if threads is not None:
@@ -206,9 +210,7 @@ def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--cold-start-steps", "--bootstrap-steps", dest="cold_start_steps", type=int,
-                   default=DEMO_COLD_START_STEPS,
-                   help=f"cold-start steps per channel (serve: {d.cold_start_steps}; shorter so the demo "
-                        "shows the network)")
+                   default=d.cold_start_steps, help="cold-start steps per channel, as for serve")
     p.add_argument("--fps", type=float, default=20.0, help="camera frames per second (channels alternate)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
@@ -216,13 +218,14 @@ def add_demo_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
     p.add_argument("--average", type=int, default=d.average_frames, metavar="N", help="as for serve; 1 = off")
     p.add_argument("--state", default=None, metavar="DIR",
                    help="as for serve: a second demo run with the same DIR starts both channels warm")
+    p.add_argument("--init", default=d.init, metavar="auto|random|generic|CHANNEL", help="as for serve")
     add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), args.seconds, args.fps, args.size, args.preset, args.budget_ms,
                  args.threads, args.device, args.seed, say=lambda m: print(m, file=sys.stdout, flush=True),
                  cold_start_steps=args.cold_start_steps, average_frames=args.average,
-                 state=Path(args.state) if args.state else None)
+                 state=Path(args.state) if args.state else None, init=args.init)
         return 0
 
     p.set_defaults(func=run)

@@ -99,6 +99,16 @@ class Learner:
         """Inject noise of a re-calibrated strength from now on."""
         self.trainer.set_preset(preset)
 
+    def start_generic(self) -> bool:
+        """Start from the generic network shipped in the package (`starting.py`); False if none is."""
+        from .starting import load_generic
+
+        if not load_generic(self.net):
+            return False
+        self._inference_net = None
+        self.snapshot()
+        return True
+
     def warm_from(self, other: Learner) -> bool:
         """Start from another channel's trained weights (same n_chan); True if taken."""
         if other.net.n_chan != self.net.n_chan:

@@ -15,14 +15,18 @@ from .presets import Preset, get_preset
 from .scaling import check_frame, from_unit, scaling_for, to_unit
 from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer, make_target
 
-__all__ = ["StackDenoiser", "average_stack", "channel_axis", "denoise", "denoise_plane", "denoise_stack",
-           "denoise_unit", "iter_denoised", "learn_channels", "new_network", "representative_plane"]
+__all__ = ["OFFLINE_INIT", "StackDenoiser", "average_stack", "channel_axis", "denoise", "denoise_plane",
+           "denoise_stack", "denoise_unit", "iter_denoised", "learn_channels", "new_network", "representative_plane",
+           "start_network"]
 
 # Stacks (benchmarks/stack.py, dev FMD fields as 4-plane stacks, seed 0; mean PSNR, s per plane after the
 # one cold start): single-image default on every plane 32.94 dB, 13.0 s; learnt once + inference with
 # TTA 8: 32.92, 0.26 s; + 50 fine-tune steps per plane: 32.87, 1.07 s; TTA 2: 32.90, 0.068 s; TTA 1: 32.90.
 STACK_FINETUNE_STEPS = 0  # stage-2 steps per plane after its channel's one cold start (fine-tuning did not pay)
 STACK_TTA = 2  # inference views per plane of a stack (8 costs 4x for +0.02 dB)
+# the offline schedule starts from the generic network: +0.07 dB over random weights on the 12 dev FMD
+# images after its 905 steps (33.01 vs 32.94, benchmarks/init_study.py, seed 0; 11 of 12 images >=)
+OFFLINE_INIT = "generic"
 ANCHOR_SIGMA = 16.0  # outputs keep the raw frame's spatial frequencies below this scale (photometry)
 
 
@@ -34,6 +38,18 @@ def new_network(n_chan: int, seed: int, device: torch.device) -> FM2SNet:
     return net.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
 
 
+def start_network(n_chan: int, seed: int, device: torch.device, init: str = OFFLINE_INIT) -> FM2SNet:
+    """A network to train from: the shipped generic one ("generic", if the package has it) or random."""
+    if init not in ("generic", "random"):
+        raise ValueError(f"init must be 'generic' or 'random', got {init!r}")
+    net = new_network(n_chan, seed, device)
+    if init == "generic":
+        from .starting import load_generic
+
+        load_generic(net)
+    return net
+
+
 def denoise_unit(
     unit: np.ndarray,
     preset: Preset,
@@ -41,11 +57,12 @@ def denoise_unit(
     device: torch.device,
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
+    init: str = OFFLINE_INIT,
 ) -> tuple[np.ndarray, TrainReport]:
-    """Train a fresh network on a [0, 1] float frame and return its denoised version."""
+    """Train a network (started as `init` says) on a [0, 1] float frame and return its denoised version."""
     target = make_target(unit, preset, schedule.target).numpy()
     raw_t, tgt_t = as_batch(unit, device), as_batch(target, device)
-    net = new_network(preset.n_chan, seed, device)
+    net = start_network(preset.n_chan, seed, device, init)
     trainer = Trainer(net, preset, device, seed=seed)
     trainer.on_step = on_step
     report = trainer.fit(raw_t, tgt_t, schedule)
@@ -80,6 +97,7 @@ def denoise(
     seed: int = 0,
     anchor_sigma: float = ANCHOR_SIGMA,
     on_step: Callable[[int], None] | None = None,
+    init: str = OFFLINE_INIT,
 ) -> np.ndarray:
     """Denoise one uint8/uint16 2D frame with FM2S; returns the same dtype and shape.
 
@@ -87,13 +105,14 @@ def denoise(
     method: "fast" (default), "paper" or a `Schedule`; anchor_sigma: the output keeps the raw
     frame's spatial frequencies below this scale in pixels, so region means stay the raw frame's
     (0 = off, the paper's behaviour; the median target otherwise darkens dim frames by up to ~13 %);
-    on_step: called with the step count after every training step (progress; an exception it raises stops).
+    on_step: called with the step count after every training step (progress; an exception it raises stops);
+    init: "generic" (the shipped starting network) or "random" (the paper's).
     """
     check_frame(frame)
     scaling = scaling_for(frame)
     p = _preset(preset, frame)
     unit = to_unit(frame, scaling)
-    out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed, on_step)
+    out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed, on_step, init)
     return from_unit(anchor(out, unit, anchor_sigma).numpy(), scaling, frame.dtype)
 
 
@@ -115,9 +134,9 @@ class StackDenoiser:
     def __init__(self, preset: str | Preset = "auto", method: str | Schedule = "fast",
                  device: str | torch.device | None = "auto", seed: int = 0, anchor_sigma: float = ANCHOR_SIGMA,
                  finetune_steps: int = STACK_FINETUNE_STEPS, on_step: Callable[[int], None] | None = None,
-                 tta: int = STACK_TTA) -> None:
+                 tta: int = STACK_TTA, init: str = OFFLINE_INIT) -> None:
         self.preset, self.schedule, self.device = preset, _schedule(method), resolve_device(device)
-        self.tta = tta
+        self.tta, self.init = tta, init
         self.seed, self.anchor_sigma, self.finetune_steps, self.on_step = seed, anchor_sigma, finetune_steps, on_step
         self.trainers: dict[int, Trainer] = {}
 
@@ -126,7 +145,8 @@ class StackDenoiser:
         check_frame(plane)
         unit = to_unit(plane, scaling_for(plane))
         p = _preset(self.preset, plane)
-        trainer = Trainer(new_network(p.n_chan, self.seed + channel, self.device), p, self.device, seed=self.seed)
+        net = start_network(p.n_chan, self.seed + channel, self.device, self.init)
+        trainer = Trainer(net, p, self.device, seed=self.seed)
         trainer.on_step = self.on_step
         raw_t = as_batch(unit, self.device)
         trainer.fit(raw_t, as_batch(make_target(unit, p, self.schedule.target).numpy(), self.device), self.schedule)
@@ -233,6 +253,7 @@ def denoise_stack(
     finetune_steps: int = STACK_FINETUNE_STEPS,
     tta: int = STACK_TTA,
     average: int = 1,
+    init: str = OFFLINE_INIT,
 ) -> np.ndarray:
     """Denoise a 2D frame (exactly `denoise`) or an N-D stack (last two axes Y, X) plane by plane.
 
@@ -242,10 +263,10 @@ def denoise_stack(
     (`average_stack`).
     """
     if data.ndim == 2:
-        return denoise(data, preset, method, device, seed, anchor_sigma, on_step)
+        return denoise(data, preset, method, device, seed, anchor_sigma, on_step, init)
     if data.ndim < 2:
         raise ValueError(f"expected a 2D frame or a stack, got shape {data.shape}")
-    denoiser = StackDenoiser(preset, method, device, seed, anchor_sigma, finetune_steps, on_step, tta)
+    denoiser = StackDenoiser(preset, method, device, seed, anchor_sigma, finetune_steps, on_step, tta, init)
     out = np.empty_like(data)
     total = int(np.prod(data.shape[:-2]))
     for i, (index, plane) in enumerate(iter_denoised(data, axes, denoiser)):

@@ -27,6 +27,7 @@ from .channel import Channel, ChannelConfig, Prepared, warm_up
 from .frame import Frame, FrameError, Result
 from .policy import LatencyPolicy, Plan
 from .sinks import FrameSink, SinkRelay
+from .starting import INITS
 from .state import StateError, StateStore
 
 __all__ = ["FrameSource", "Pipeline", "PipelineConfig", "default_threads"]
@@ -34,6 +35,9 @@ __all__ = ["FrameSource", "Pipeline", "PipelineConfig", "default_threads"]
 log = logging.getLogger(__name__)
 PREVIEW_STARVATION_S = 0.2  # under backlog the preview still gets a frame at least this often
 FPS_WINDOW = 100  # frames over which the streaming rate is measured
+# what init "auto" starts a new channel from: benchmarks/init_study.py measured the generic network at
+# least as good as random weights at every cold-start length (see the README's "Cold start")
+AUTO_INIT = "generic"
 IDLE_POLL_S = 0.001  # with cold starts pending, a quiet queue this long is idle time for them
 
 
@@ -61,7 +65,6 @@ class PipelineConfig:
     queue_size: int = 64
     max_finetune_steps: int = 8
     threads: int = field(default_factory=default_threads)
-    init_from_first_channel: bool = False
     cold_start: str = "classical"  # "classical": answer with the pre-denoiser meanwhile; "wait": train first
     state_dir: str | None = None  # learnt channel state kept here between runs (StateStore); None = not kept
     save_state_every_s: float = 120.0  # while streaming, ready channels are saved this often (and at stop)
@@ -172,15 +175,28 @@ class Pipeline:
         channel = self.channels.get(name)
         if channel is None:
             channel = Channel(name, self.config.channel, first_frame=first_frame)
-            if self._resume(channel):
-                how = "resumed from its saved state"
-            else:
-                donor = next(iter(self.channels.values()), None) if self.config.init_from_first_channel else None
-                warm = donor is not None and channel.learner.warm_from(donor.learner)
-                how = f"warm from {donor.name}" if warm and donor else "cold start"
+            how = "resumed from its saved state" if self._resume(channel) else self._start(channel)
             self.channels[name] = channel
             log.info("new channel %r (%s)", name, how)
         return channel
+
+    def _start(self, channel: Channel) -> str:
+        """Start a new channel's network as `ChannelConfig.init` says; how it started (for the log)."""
+        init = self.config.channel.init
+        if init not in INITS:  # a channel's name: its trained network, no cold start
+            donor = self.channels.get(init)
+            if donor is not None and donor.ready and channel.learner.warm_from(donor.learner):
+                return f"warm from channel {init!r}"
+            log.warning("channel %r: channel %r has no trained network of its kind yet; starting %s",
+                        channel.name, init, AUTO_INIT)
+            init = "auto"
+        if init == "auto":
+            init = AUTO_INIT
+        if init == "generic":
+            if channel.learner.start_generic():
+                return "cold start from the generic network"
+            log.warning("channel %r: no generic network in this package; starting from random weights", channel.name)
+        return "cold start from random weights"
 
     def _resume(self, channel: Channel) -> bool:
         """Continue the channel from its saved state when there is a usable one (else it starts cold)."""

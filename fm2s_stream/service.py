@@ -56,6 +56,7 @@ class ServiceOptions:
     threads: int = field(default_factory=default_threads)
     temporal: bool = ChannelConfig.temporal
     cold_start_steps: int = ChannelConfig.cold_start_steps
+    init: str = ChannelConfig.init
     cold_start: str = PipelineConfig.cold_start
     average_frames: int = ChannelConfig.average_frames
     allow_remote: bool = False
@@ -89,6 +90,7 @@ class StreamService:
             seed=o.seed,
             temporal=o.temporal,
             cold_start_steps=o.cold_start_steps,
+            init=o.init,
             average_frames=o.average_frames,
             **o.extra_channel,
         )
