@@ -100,6 +100,7 @@ class Pipeline:
         self._out_times: deque[float] = deque(maxlen=FPS_WINDOW)  # when the last results were emitted
         self.max_frame_bytes = 0
         self._last_preview: dict[str, float] = {}  # per channel: when its last frame went to the preview
+        self._cold: dict[str, tuple[Channel, Prepared]] = {}  # worker: unfinished cold starts, latest active last
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
@@ -238,8 +239,7 @@ class Pipeline:
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads)
-        # channels still in their cold start -> (channel, its latest frame), most recently active last
-        cold: dict[str, tuple[Channel, Prepared]] = {}
+        cold = self._cold  # channels still in their cold start -> (channel, its latest frame)
         while True:
             try:
                 frame = self._queue.get(timeout=IDLE_POLL_S if cold else 0.2)
@@ -301,7 +301,12 @@ class Pipeline:
         try:  # learn after: as the latency policy allows
             channel.remember(prep)
             plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s, channel.frames_seen)
-            if plan.skipped:
+            if channel.ready and any(name != channel.name for name in self._cold):
+                # another channel has not finished its cold start (it went quiet): the time between frames
+                # is its idle time, not this ready channel's fine-tuning, which would take all of it
+                with self._lock:
+                    self.counts["finetune_yielded"] += 1
+            elif plan.skipped:
                 with self._lock:
                     self.counts["finetune_skipped"] += 1
             elif plan.max_steps:

@@ -30,3 +30,29 @@ def test_a_channel_that_went_quiet_still_finishes_its_cold_start_while_another_s
     assert pipe.channels["B"].ready
     assert sink.by_id[fid].status == "denoised"  # A's next frame is answered by its network
     assert len(sink.results) == fid + 1
+
+
+def test_a_ready_channel_yields_its_fine_tuning_to_another_channels_unfinished_cold_start():
+    # B is ready and streams; A sent two frames and went quiet. B's fine-tuning used to fill every gap
+    # between B's frames, so A never got idle time and stayed in its cold start for good.
+    config = PipelineConfig(ChannelConfig(get_preset("confocal"), cold_start_steps=40, cold_start_crop=32,
+                                          finetune_crop=32, average_frames=1), threads=1, budget_ms=200)
+    frames = noisy_frames(8)
+    sink = MemorySink()
+    with Pipeline(config, [sink]) as pipe:
+        fid, end = 0, time.monotonic() + 30
+        while not (pipe.channels.get("B") is not None and pipe.channels["B"].ready) and time.monotonic() < end:
+            pipe.submit(Frame(frames[fid % 8], channel="B", t=fid, frame_id=fid))
+            fid += 1
+            time.sleep(0.02)
+        for t in range(2):
+            pipe.submit(Frame(frames[t], channel="A", t=t, frame_id=fid))
+            fid += 1
+        end = time.monotonic() + 30
+        while not (pipe.channels.get("A") is not None and pipe.channels["A"].ready) and time.monotonic() < end:
+            pipe.submit(Frame(frames[fid % 8], channel="B", t=fid, frame_id=fid))
+            fid += 1
+            time.sleep(0.02)
+        a_ready = pipe.channels["A"].ready
+        yielded = pipe.stats()["counts"]["finetune_yielded"]
+    assert a_ready and yielded > 0
