@@ -201,6 +201,7 @@ class ZarrSink:
 
     def __init__(self, directory: str | Path, kind: str = "denoised", prefix: str = "fm2s", roll_every: int = 10_000,
                  pixel_size_um: float | None = None, retry_s: float = 2.0) -> None:
+        from ..sinks import Gaps
         from ..tiffsink import KINDS, safe_name
 
         if kind not in KINDS:
@@ -211,7 +212,7 @@ class ZarrSink:
         self.name = f"zarr-{kind}"
         self.files: list[Path] = []
         self.finalised: list[Path] = []
-        self.gaps: list[dict[str, Any]] = []
+        self.gaps = Gaps(self.name, self.directory)
         self.written = 0
         self._next_index = 0
         self._store: _OpenStore | None = None
@@ -240,7 +241,7 @@ class ZarrSink:
         pixels = result.pixels if self.kind == "denoised" else result.frame.pixels
         now = time.monotonic()
         if self._failed_at is not None and now - self._failed_at < self.retry_s:
-            self._gap(result, self.gaps[-1]["reason"] if self.gaps else "disk unavailable")
+            self.gaps.record(result.frame.frame_id, self.gaps.last_reason())
             raise OSError(f"{self.name}: frame {result.frame.frame_id} not written (disk unavailable)")
         s = self._store
         try:
@@ -255,22 +256,12 @@ class ZarrSink:
             s.append(np.ascontiguousarray(pixels), header)
             self.written += 1
             self._failed_at = None
-            if self.gaps and self.gaps[-1]["open"]:
-                self.gaps[-1]["open"] = False
+            self.gaps.recovered()
         except OSError as exc:
             self._failed_at = now
-            self._gap(result, f"{type(exc).__name__}: {exc}")
+            self.gaps.record(result.frame.frame_id, f"{type(exc).__name__}: {exc}")
             self._store = None
             raise
-
-    def _gap(self, result: Any, reason: str) -> None:
-        fid = result.frame.frame_id
-        gap = self.gaps[-1] if self.gaps and self.gaps[-1]["open"] else None
-        if gap is None:
-            gap = {"first_frame_id": fid, "last_frame_id": fid, "count": 0, "reason": reason, "open": True}
-            self.gaps.append(gap)
-        gap["last_frame_id"] = fid
-        gap["count"] += 1
 
     def _finish(self, s: _OpenStore) -> None:
         s.finish()
@@ -281,8 +272,7 @@ class ZarrSink:
         s, self._store = self._store, None
         if s is not None:
             self._finish(s)
-        for gap in self.gaps:
-            gap["open"] = False
+        self.gaps.close()
 
     def stats(self) -> dict[str, Any]:
         """Stores, frames written and gaps, for reports."""

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from .frame import Result
 
-__all__ = ["FrameSink", "MemorySink", "SinkChain", "SinkRelay"]
+__all__ = ["FrameSink", "Gaps", "MemorySink", "SinkChain", "SinkRelay"]
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,41 @@ class MemorySink:
 
     def close(self) -> None:
         """Nothing to release; results stay readable."""
+
+
+class Gaps(list):  # type: ignore[type-arg]  # a JSON-ready list of dicts in reports
+    """The frames a file sink could not write, as runs: first/last frame id, count, reason, open.
+
+    `record` extends the open run (or opens one, logging the reason once); `recovered` closes it when
+    a frame is written again; `close` closes every run (the sink is done).
+    """
+
+    def __init__(self, name: str, where: object) -> None:
+        super().__init__()
+        self.name, self.where = name, where
+
+    def last_reason(self, default: str = "disk unavailable") -> str:
+        """The reason of the latest run (for frames refused while the sink waits to retry)."""
+        return str(self[-1]["reason"]) if self else default
+
+    def record(self, frame_id: int, reason: str) -> None:
+        """Count frame `frame_id` as not written, for `reason`."""
+        gap = self[-1] if self and self[-1]["open"] else None
+        if gap is None:
+            gap = {"first_frame_id": frame_id, "last_frame_id": frame_id, "count": 0, "reason": reason, "open": True}
+            self.append(gap)
+            log.error("%s: cannot write to %s (%s); frames are not saved until it recovers", self.name, self.where,
+                      reason)
+        gap["last_frame_id"] = frame_id
+        gap["count"] += 1
+
+    def recovered(self) -> None:
+        """A frame was written: close the open run."""
+        if self and self[-1]["open"]:
+            self[-1]["open"] = False
+            log.warning("%s: writing again (%d frames missing)", self.name, self[-1]["count"])
+
+    def close(self) -> None:
+        """Close every run."""
+        for gap in self:
+            gap["open"] = False

@@ -25,6 +25,7 @@ import numpy as np
 import tifffile
 
 from .frame import Result
+from .sinks import Gaps
 
 __all__ = ["Planes", "TiffSink", "ome_xml", "safe_name"]
 
@@ -148,7 +149,7 @@ class TiffSink:
         self.name = f"tiff-{kind}"
         self.files: list[Path] = []
         self.finalised: list[Path] = []
-        self.gaps: list[dict[str, Any]] = []
+        self.gaps = Gaps(self.name, self.directory)
         self.written = 0
         self._file: _OpenFile | None = None
         self._next_index = 0
@@ -176,7 +177,7 @@ class TiffSink:
         pixels = result.pixels if self.kind == "denoised" else result.frame.pixels
         now = time.monotonic()
         if self._failed_at is not None and now - self._failed_at < self.retry_s:
-            self._record_gap(result, self.gaps[-1]["reason"] if self.gaps else "disk unavailable")
+            self.gaps.record(result.frame.frame_id, self.gaps.last_reason())
             raise OSError(f"{self.name}: frame {result.frame.frame_id} not written (disk unavailable)")
         f = self._file
         try:
@@ -198,25 +199,12 @@ class TiffSink:
             f.planes.append(header)
             self.written += 1
             self._failed_at = None
-            if self.gaps and self.gaps[-1]["open"]:
-                self.gaps[-1]["open"] = False
-                log.warning("%s: writing again (%d frames missing)", self.name, self.gaps[-1]["count"])
+            self.gaps.recovered()
         except OSError as exc:
             self._failed_at = now
-            self._record_gap(result, f"{type(exc).__name__}: {exc}")
+            self.gaps.record(result.frame.frame_id, f"{type(exc).__name__}: {exc}")
             self._abandon()
             raise
-
-    def _record_gap(self, result: Result, reason: str) -> None:
-        fid = result.frame.frame_id
-        gap = self.gaps[-1] if self.gaps and self.gaps[-1]["open"] else None
-        if gap is None:
-            gap = {"first_frame_id": fid, "last_frame_id": fid, "count": 0, "reason": reason, "open": True}
-            self.gaps.append(gap)
-            log.error("%s: cannot write to %s (%s); frames are not saved until it recovers",
-                      self.name, self.directory, reason)
-        gap["last_frame_id"] = fid
-        gap["count"] += 1
 
     def _abandon(self) -> None:
         """Drop the broken file handle; what was written before stays readable."""
@@ -243,8 +231,7 @@ class TiffSink:
         f, self._file = self._file, None
         if f is not None:
             self._finish(f)
-        for gap in self.gaps:
-            gap["open"] = False
+        self.gaps.close()
 
     def stats(self) -> dict[str, Any]:
         """Files, frames written and gaps, for reports."""
