@@ -278,7 +278,11 @@ class PreviewSubscriber:
                     log.warning("malformed preview message from %s: %s", self.endpoint, exc)
                     continue
                 f = p.frame
-                self.board.put(LiveFrame(f.channel, f.pixels, p.raw, p.fm2s, f.frame_id, f.t))
+                try:
+                    self.board.put(LiveFrame(f.channel, f.pixels, p.raw, p.fm2s, f.frame_id, f.t))
+                except Exception:  # a viewer's receiving thread must not die on one odd message
+                    self.board.malformed += 1
+                    log.exception("preview message from %s not shown", self.endpoint)
         finally:
             sock.close(linger=0)
 

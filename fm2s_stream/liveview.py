@@ -22,6 +22,13 @@ WINDOW = 100  # latency percentiles over the last this many frames
 FPS_WINDOW_S = 2.0  # frame rate over the last this many seconds
 
 
+def _number(value: Any) -> float | None:
+    """A finite JSON number as float, else None (header fields come from the network)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return None
+    return float(value)
+
+
 @dataclass
 class LiveFrame:
     """One channel's frame as shown: raw (None if the source sends none), denoised, and its fm2s fields."""
@@ -70,14 +77,16 @@ class LatestFrames:
             self.received += 1
             self._arrivals.append(now)
             f = frame.fm2s
-            if isinstance(f.get("latency_ms"), (int, float)):
-                self._latency.append(float(f["latency_ms"]))
+            latency = _number(f.get("latency_ms"))
+            if latency is not None:
+                self._latency.append(latency)
             v = self.vitals.setdefault(frame.channel, ChannelVitals())
             v.frames += 1
-            v.degraded += bool(f.get("degraded", False))
-            v.status = str(f.get("status", "-"))
-            v.steps = int(f.get("steps", 0) or 0)
-            v.cold_start = float(f.get("cold_start_progress", 1.0 if v.status == "denoised" else 0.0))
+            v.degraded += f.get("degraded") is True
+            v.status = str(f.get("status", "-"))[:32]
+            v.steps = int(_number(f.get("steps")) or 0)
+            progress = _number(f.get("cold_start_progress"))
+            v.cold_start = progress if progress is not None else 1.0 if v.status == "denoised" else 0.0
 
     def take(self) -> dict[str, LiveFrame]:
         """The frames that arrived since the last take, newest per channel."""

@@ -48,3 +48,12 @@ def test_puts_from_many_threads_are_all_counted():
         t.join()
     assert board.received == 800 and {k: v.frames for k, v in board.vitals.items()} == dict.fromkeys("abcd", 200)
     assert all(f.frame_id == 199 for f in board.take().values())
+
+
+def test_odd_header_fields_are_ignored_not_fatal():
+    board = LatestFrames()
+    px = np.zeros((4, 4), np.uint16)
+    board.put(LiveFrame("c", px, px, {"steps": "many", "latency_ms": float("nan"), "degraded": "yes",
+                                      "cold_start_progress": None, "status": "x" * 500}))
+    v = board.vitals["c"]
+    assert v.steps == 0 and v.degraded == 0 and len(v.status) == 32 and np.isnan(board.latency_ms()[0])
