@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(sub, _add_model_args)
 
-    p = sub.add_parser("mm-demo", help="Micro-Manager (UniMMCore) synthetic 2-channel MDA, denoised live")
+    p = sub.add_parser("mm-demo", help="Micro-Manager (UniMMCore) synthetic 2-channel MDA, denoised live",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--timepoints", type=int, default=60)
     p.add_argument("--out", default="fm2s-demo-output", help="a new run-NNN folder is made inside")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between time points")
@@ -491,13 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_mm_demo)
 
-    p = sub.add_parser("calibrate", help="estimate camera noise per file; print JSON")
+    p = sub.add_parser("calibrate", help="estimate camera noise per file; print JSON",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("files", nargs="+")
     p.add_argument("--base", default="confocal", help="preset whose noise balance the derived parameters keep")
     p.add_argument("--offset", type=float, default=None, help="camera offset (ADU), for read noise in e-")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("send", help="replay an image stack into a stream")
+    p = sub.add_parser("send", help="replay an image stack into a stream",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("file")
     p.add_argument("--to", required=True)
     p.add_argument("--socket", default="push", choices=["push", "pub"])
@@ -507,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", default=None, metavar="KEYDIR", help="connect as the CurveZMQ client in KEYDIR")
     p.set_defaults(func=cmd_send)
 
-    p = sub.add_parser("receive", help="capture a stream into a TIFF")
+    p = sub.add_parser("receive", help="capture a stream into a TIFF",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--from", dest="from_", required=True)
     p.add_argument("--socket", default="pull", choices=["pull", "sub"])
     p.add_argument("--save", default=None, help="directory for the TIFF")
