@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..tiffsink import RollingFileSink
 from .files import ImageFileError, ImageInfo
 
 __all__ = ["NGFF_VERSION", "NgffWriter", "ZarrSink", "is_zarr", "ngff_attrs", "read_ngff"]
@@ -186,7 +187,7 @@ T_STEP = 64  # a streaming store's T extent grows by this many frames at a time 
 FRAMES_LOG = "fm2s_frames.jsonl"
 
 
-class ZarrSink:
+class ZarrSink(RollingFileSink):
     """Streams frames into `<directory>/<prefix>_<kind>_<NNN>.ome.zarr` (NGFF 0.5, T C Y X, a chunk per frame).
 
     Channels get C indices in order of first appearance (C grows when a new one comes), T counts each
@@ -199,84 +200,27 @@ class ZarrSink:
     writing is retried in a new store after `retry_s`.
     """
 
+    SUFFIX = ".ome.zarr"
+    LABEL = "zarr"
+
     def __init__(self, directory: str | Path, kind: str = "denoised", prefix: str = "fm2s", roll_every: int = 10_000,
                  pixel_size_um: float | None = None, retry_s: float = 2.0) -> None:
-        from ..sinks import Gaps
-        from ..tiffsink import KINDS, safe_name
-
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}")
         _zarr()
-        self.directory, self.kind, self.prefix = Path(directory), kind, safe_name(prefix)
-        self.roll_every, self.pixel_size_um, self.retry_s = roll_every, pixel_size_um, retry_s
-        self.name = f"zarr-{kind}"
-        self.files: list[Path] = []
-        self.finalised: list[Path] = []
-        self.gaps = Gaps(self.name, self.directory)
-        self.written = 0
-        self._next_index = 0
-        self._store: _OpenStore | None = None
-        self._failed_at: float | None = None
+        super().__init__(directory, kind, prefix, roll_every, pixel_size_um, retry_s)
 
-    def open(self) -> None:
-        """Create the directory (the first store is created with the first frame)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def _new_store(self, shape: tuple[int, ...], dtype: np.dtype) -> _OpenStore:
-        while True:
-            path = self.directory / f"{self.prefix}_{self.kind}_{self._next_index:03d}.ome.zarr"
-            self._next_index += 1
-            try:
-                path.mkdir()  # exclusive: never writes into an existing store
-            except FileExistsError:
-                continue
-            break
-        self.files.append(path)
+    def _create(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> _OpenStore:
+        path.mkdir()  # exclusive: never writes into an existing store
         return _OpenStore(path, shape, dtype, self.pixel_size_um)
 
-    def write(self, result: Any) -> None:
-        """Store one frame (chunk + log line) before returning; raise OSError if it could not be."""
-        import time
+    def _frames(self, f: _OpenStore) -> int:
+        return f.frames
 
-        pixels = result.pixels if self.kind == "denoised" else result.frame.pixels
-        now = time.monotonic()
-        if self._failed_at is not None and now - self._failed_at < self.retry_s:
-            self.gaps.record(result.frame.frame_id, self.gaps.last_reason())
-            raise OSError(f"{self.name}: frame {result.frame.frame_id} not written (disk unavailable)")
-        s = self._store
-        try:
-            if s is not None and (s.shape != pixels.shape or s.dtype != pixels.dtype or s.frames >= self.roll_every):
-                self._finish(s)
-                s = self._store = None
-            if s is None:
-                s = self._store = self._new_store(pixels.shape, pixels.dtype)
-            header = {**result.frame.identity(), "meta": result.frame.meta, "kind": self.kind}
-            if self.kind == "denoised":
-                header["fm2s"] = result.processing()
-            s.append(np.ascontiguousarray(pixels), header)
-            self.written += 1
-            self._failed_at = None
-            self.gaps.recovered()
-        except OSError as exc:
-            self._failed_at = now
-            self.gaps.record(result.frame.frame_id, f"{type(exc).__name__}: {exc}")
-            self._store = None
-            raise
+    def _append(self, f: _OpenStore, pixels: np.ndarray, header: dict[str, Any]) -> None:
+        f.append(pixels, header)
 
-    def _finish(self, s: _OpenStore) -> None:
-        s.finish()
-        self.finalised.append(s.path)
-
-    def close(self) -> None:
-        """Trim and finalise the open store."""
-        s, self._store = self._store, None
-        if s is not None:
-            self._finish(s)
-        self.gaps.close()
-
-    def stats(self) -> dict[str, Any]:
-        """Stores, frames written and gaps, for reports."""
-        return {"files": [str(p) for p in self.files], "written": self.written, "gaps": self.gaps}
+    def _finish(self, f: _OpenStore) -> None:
+        f.finish()
+        self.finalised.append(f.path)
 
 
 class _OpenStore:

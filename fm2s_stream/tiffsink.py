@@ -27,7 +27,7 @@ import tifffile
 from .frame import Result
 from .sinks import Gaps
 
-__all__ = ["Planes", "TiffSink", "ome_xml", "safe_name"]
+__all__ = ["Planes", "RollingFileSink", "TiffSink", "ome_xml", "safe_name"]
 
 log = logging.getLogger(__name__)
 KINDS = ("denoised", "raw")
@@ -124,19 +124,19 @@ def ome_xml(planes: Planes, shape: tuple[int, ...], dtype: np.dtype, pixel_size_
     )
 
 
-class TiffSink:
-    """Writes denoised (or raw) frames to `<directory>/<prefix>_<kind>_<NNN>.ome.tif`."""
+class RollingFileSink:
+    """What TiffSink and the Zarr sink share: one file per run of frames, named
+    `<directory>/<prefix>_<kind>_<NNN><SUFFIX>`, created exclusively (never overwritten), rolled every
+    `roll_every` frames and on a shape or dtype change; a disk error is recorded as a gap and writing
+    is retried in a new file after `retry_s`. Subclasses make (`_create`, raising FileExistsError for a
+    path taken), fill (`_append`) and finish (`_finish`, `_abandon`) one file; `_frames` counts its frames.
+    """
 
-    def __init__(
-        self,
-        directory: str | Path,
-        kind: str = "denoised",
-        prefix: str = "fm2s",
-        roll_every: int = 10_000,
-        pixel_size_um: float | None = None,
-        retry_s: float = 2.0,
-        fsync_every: int = 0,
-    ) -> None:
+    SUFFIX = ""
+    LABEL = ""
+
+    def __init__(self, directory: str | Path, kind: str = "denoised", prefix: str = "fm2s",
+                 roll_every: int = 10_000, pixel_size_um: float | None = None, retry_s: float = 2.0) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
         self.directory = Path(directory)
@@ -145,13 +145,12 @@ class TiffSink:
         self.roll_every = roll_every
         self.pixel_size_um = pixel_size_um
         self.retry_s = retry_s
-        self.fsync_every = fsync_every
-        self.name = f"tiff-{kind}"
+        self.name = f"{self.LABEL}-{kind}"
         self.files: list[Path] = []
         self.finalised: list[Path] = []
         self.gaps = Gaps(self.name, self.directory)
         self.written = 0
-        self._file: _OpenFile | None = None
+        self._file: Any = None
         self._next_index = 0
         self._failed_at: float | None = None
 
@@ -159,21 +158,20 @@ class TiffSink:
         """Create the directory (the first file is created with the first frame)."""
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def _new_file(self, shape: tuple[int, ...], dtype: np.dtype) -> _OpenFile:
+    def _new_file(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         while True:
-            path = self.directory / f"{self.prefix}_{self.kind}_{self._next_index:03d}.ome.tif"
+            path = self.directory / f"{self.prefix}_{self.kind}_{self._next_index:03d}{self.SUFFIX}"
             self._next_index += 1
             try:
-                handle: BinaryIO = open(path, "xb")  # noqa: SIM115 - owned by _OpenFile until close
+                f = self._create(path, shape, dtype)
             except FileExistsError:
                 continue
-            break
-        self.files.append(path)
-        log.info("writing %s", path)
-        return _OpenFile(path, handle, tifffile.TiffWriter(handle, bigtiff=True), shape, dtype)
+            self.files.append(path)
+            log.info("writing %s", path)
+            return f
 
     def write(self, result: Result) -> None:
-        """Append one page (and flush it to the OS); raise OSError if the frame could not be written."""
+        """Store one frame before returning (a crash keeps it); raise OSError if it could not be."""
         pixels = result.pixels if self.kind == "denoised" else result.frame.pixels
         now = time.monotonic()
         if self._failed_at is not None and now - self._failed_at < self.retry_s:
@@ -182,7 +180,7 @@ class TiffSink:
         f = self._file
         try:
             if f is not None and (f.shape != pixels.shape or f.dtype != pixels.dtype
-                                  or len(f.planes) >= self.roll_every):
+                                  or self._frames(f) >= self.roll_every):
                 self._finish(f)
                 f = self._file = None
             if f is None:
@@ -190,27 +188,75 @@ class TiffSink:
             header = {**result.frame.identity(), "meta": result.frame.meta, "kind": self.kind}
             if self.kind == "denoised":
                 header["fm2s"] = result.processing()
-            description = json.dumps(header, default=str)
-            f.writer.write(np.ascontiguousarray(pixels), contiguous=False, description=description,
-                           metadata=None, photometric="minisblack")
-            f.handle.flush()
-            if self.fsync_every and (len(f.planes) + 1) % self.fsync_every == 0:
-                os.fsync(f.handle.fileno())
-            f.planes.append(header)
+            self._append(f, np.ascontiguousarray(pixels), header)
             self.written += 1
             self._failed_at = None
             self.gaps.recovered()
         except OSError as exc:
             self._failed_at = now
             self.gaps.record(result.frame.frame_id, f"{type(exc).__name__}: {exc}")
-            self._abandon()
+            f, self._file = self._file, None
+            if f is not None:
+                self._abandon(f)
             raise
 
-    def _abandon(self) -> None:
-        """Drop the broken file handle; what was written before stays readable."""
+    def close(self) -> None:
+        """Finalise the open file."""
         f, self._file = self._file, None
-        if f is None:
-            return
+        if f is not None:
+            self._finish(f)
+        self.gaps.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Files, frames written and gaps, for reports."""
+        return {"files": [str(p) for p in self.files], "written": self.written, "gaps": self.gaps}
+
+    # -- one file (subclasses) ----------------------------------------------------------------------
+    def _create(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        raise NotImplementedError
+
+    def _frames(self, f: Any) -> int:
+        raise NotImplementedError
+
+    def _append(self, f: Any, pixels: np.ndarray, header: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _finish(self, f: Any) -> None:
+        raise NotImplementedError
+
+    def _abandon(self, f: Any) -> None:
+        """Drop a broken file after a disk error (what was written before stays readable)."""
+
+
+class TiffSink(RollingFileSink):
+    """Writes denoised (or raw) frames to `<directory>/<prefix>_<kind>_<NNN>.ome.tif`: one flushed BigTIFF
+    page per frame with a JSON description; OME-XML into page 0 when the file is finished."""
+
+    SUFFIX = ".ome.tif"
+    LABEL = "tiff"
+
+    def __init__(self, directory: str | Path, kind: str = "denoised", prefix: str = "fm2s",
+                 roll_every: int = 10_000, pixel_size_um: float | None = None, retry_s: float = 2.0,
+                 fsync_every: int = 0) -> None:
+        super().__init__(directory, kind, prefix, roll_every, pixel_size_um, retry_s)
+        self.fsync_every = fsync_every
+
+    def _create(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> _OpenFile:
+        handle: BinaryIO = open(path, "xb")  # noqa: SIM115 - owned by _OpenFile until close
+        return _OpenFile(path, handle, tifffile.TiffWriter(handle, bigtiff=True), shape, dtype)
+
+    def _frames(self, f: _OpenFile) -> int:
+        return len(f.planes)
+
+    def _append(self, f: _OpenFile, pixels: np.ndarray, header: dict[str, Any]) -> None:
+        f.writer.write(pixels, contiguous=False, description=json.dumps(header, default=str),
+                       metadata=None, photometric="minisblack")
+        f.handle.flush()
+        if self.fsync_every and (len(f.planes) + 1) % self.fsync_every == 0:
+            os.fsync(f.handle.fileno())
+        f.planes.append(header)
+
+    def _abandon(self, f: _OpenFile) -> None:
         for closer in (f.writer.close, f.handle.close):
             try:
                 closer()
@@ -225,14 +271,3 @@ class TiffSink:
         xml = ome_xml(f.planes, f.shape, f.dtype, self.pixel_size_um)
         tifffile.tiffcomment(f.path, comment=xml.encode("ascii", "xmlcharrefreplace"), pageindex=0)
         self.finalised.append(f.path)
-
-    def close(self) -> None:
-        """Finalise the open file to OME-TIFF."""
-        f, self._file = self._file, None
-        if f is not None:
-            self._finish(f)
-        self.gaps.close()
-
-    def stats(self) -> dict[str, Any]:
-        """Files, frames written and gaps, for reports."""
-        return {"files": [str(p) for p in self.files], "written": self.written, "gaps": self.gaps}
