@@ -7,6 +7,7 @@ them (or a device mix-up in the torch path) shows up without a GPU.
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from fm2s_stream import ops
 from fm2s_stream.learner import Learner, cold_start_schedule
@@ -38,6 +39,14 @@ def test_halve_is_the_same_in_numba_and_torch():
 @pytest.mark.parametrize("size", [3, 11])
 def test_median_is_scipys_in_torch_too(size):
     np.testing.assert_array_equal(ops.median(IMG, size).numpy(), ops.median(IMG, size, torch_only=True).numpy())
+
+
+@pytest.mark.parametrize("shape", [(67, 91), (5, 7), (1, 30), (12, 3)])
+@pytest.mark.parametrize("levels", [40, 4000])
+def test_histogram_median_is_scipys_exactly(shape, levels):
+    img = (RNG.integers(0, levels, shape) / levels).astype(np.float32)
+    got = ops.median(torch.from_numpy(img), 11).numpy()
+    np.testing.assert_array_equal(got, ndimage.median_filter(img, 11, mode="reflect"))
 
 
 def test_temporal_average_fused_cpu_kernels_match_the_torch_path():
