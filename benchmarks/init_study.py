@@ -7,7 +7,10 @@ schedule shortened to S steps (`learner.cold_start_schedule`), on the 12 dev FMD
 synthetic scenes, then the offline inference (TTA 8) and anchoring. PSNR dB on the 8-bit scale
 (synthetic: on the scaled [0, 255] range of the truth).
 
-    python benchmarks/init_study.py [--seed 0] [--steps 0,50,100,200,400,905]
+    python benchmarks/init_study.py [--seed 0] [--steps 0,50,100,200,400,905] [--inits random,generic,donor]
+
+The last row, "classical", is what the stream answers with until its network may answer: the
+sigma-1 Gaussian of the frame (no steps).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fm2s_stream.anchor import anchor
 from fm2s_stream.calibrate import auto_preset
 from fm2s_stream.learner import cold_start_schedule
 from fm2s_stream.offline import ANCHOR_SIGMA, new_network
+from fm2s_stream.ops import gaussian
 from fm2s_stream.scaling import from_unit, scaling_for, to_unit
 from fm2s_stream.starting import expand, generic_state
 from fm2s_stream.synthetic import Camera, TimeLapse
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", default="0,50,100,200,400,905")
     ap.add_argument("--images", default="all", choices=["all", "fmd", "synthetic"])
+    ap.add_argument("--inits", default="random,generic,donor", help="starting points to compare")
     args = ap.parse_args()
     torch.set_num_threads(2)
     steps = [int(s) for s in args.steps.split(",")]
@@ -88,7 +93,8 @@ def main() -> None:
     # donors: a fully trained network of another modality's first image (collapsed to one input channel)
     donors: dict[str, dict[str, torch.Tensor]] = {}
     donor_images = images("fmd") if args.images == "synthetic" else data
-    for m in MODALITIES:
+    wanted = args.inits.split(",")
+    for m in MODALITIES if "donor" in wanted else ():
         for name, raw, _gt, _to8 in donor_images:
             if name == f"{m}_1":
                 preset = auto_preset(raw)
@@ -98,7 +104,8 @@ def main() -> None:
                 Trainer(net, preset, CPU, seed=args.seed).fit(
                     as_batch(unit, CPU), as_batch(make_target(unit, preset, sched.target).numpy(), CPU), sched)
                 donors[m] = collapse_for_inference(net).state_dict()
-    inits = ["random", "generic"] + (["donor"] if donors else [])
+    inits = [i for i in ("random", "generic") if i in wanted] + (["donor"] if donors else [])
+    classical: list[float] = []
     table: dict[str, dict[int, list[float]]] = {i: {s: [] for s in steps} for i in inits}
     t0 = time.perf_counter()
     for name, raw, gt, to8 in data:
@@ -111,17 +118,23 @@ def main() -> None:
                 value = psnr(run(raw, weights, s, args.seed), gt, to8)
                 table[init][s].append(value)
                 row.append(value)
+        scaling = scaling_for(raw)
+        blur = gaussian(torch.from_numpy(to_unit(raw, scaling)), 1.0).numpy()
+        classical.append(psnr(from_unit(blur, scaling, raw.dtype), gt, to8))
+        row.append(classical[-1])
         print(f"{name:20s} " + " ".join(f"{v:6.2f}" for v in row) + f"   ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     print(f"\nmean PSNR dB over {len(data)} images ({args.images}), seed {args.seed}, by cold-start steps")
     print(f"{'start':10s}" + "".join(f"{s:>8d}" for s in steps))
     for init in inits:
         print(f"{init:10s}" + "".join(f"{np.mean(table[init][s]):8.2f}" for s in steps))
+    print(f"{'classical':10s}{np.mean(classical):8.2f} (sigma-1 Gaussian, the cold start's answer)")
     n_fmd = sum(1 for d in data if not d[0].startswith("synthetic"))
     if 0 < n_fmd < len(data):
         print(f"\nFMD only ({n_fmd} images)")
         for init in inits:
             print(f"{init:10s}" + "".join(f"{np.mean(table[init][s][:n_fmd]):8.2f}" for s in steps))
+        print(f"{'classical':10s}{np.mean(classical[:n_fmd]):8.2f}")
 
 
 if __name__ == "__main__":

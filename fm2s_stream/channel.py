@@ -1,12 +1,14 @@
 """Channel: one camera channel's state around its Learner: scaling, noise calibration, pairs, post-processing.
 
 Life of a channel: its first frame starts a *cold start* (the offline default's schedule on that
-frame, `Learner.cold_step`); until it is done, frames are answered by the classical pre-denoiser
-(a sigma-1 Gaussian) and flagged `bootstrap` on the wire. After that every frame is answered by the
-network and gets a few *fine-tune* steps. Every answer goes through `PostProcess` (anchor ->
-registered temporal average). With `temporal` on, every other fine-tune step is Noise2Noise in
-time: the current raw frame onto the previous raw frame of the same position, after registration,
-and only when a motion guard says the two show the same scene.
+frame, `Learner.cold_step`); until the network answers better than the classical pre-denoiser (a
+sigma-1 Gaussian), frames are answered by that and flagged `bootstrap` on the wire. The network
+answers once the cold start is done, or from the generic start earlier (`Learner.answers`), while
+the cold start goes on. After the cold start every frame gets a few *fine-tune* steps. Every
+answer goes through `PostProcess` (anchor -> registered temporal average). With `temporal` on,
+every other fine-tune step is Noise2Noise in time: the current raw frame onto the previous raw
+frame of the same position, after registration, and only when a motion guard says the two show
+the same scene.
 
 The data path per frame, each unit visited once: `prepare` (the frame's one upload, scaling) ->
 `answer` (learner or classical, post-processing, the result's one download) -> the pipeline
@@ -28,7 +30,7 @@ from .devices import download, upload
 from .learner import Learner, cold_start_schedule
 from .ops import gaussian, halve, one_thread, overlap, shift_fraction
 from .postprocess import PostProcess
-from .presets import Preset
+from .presets import Preset, get_preset
 from .registration import refine_shift, register_shift
 from .scaling import Scaling, scaling_for
 from .stages import StageClock
@@ -93,12 +95,18 @@ def warm_up() -> None:
     halve(frame)
     for dtype in (np.uint8, np.uint16):
         estimate_noise_or_none(np.full((16, 16), 100, dtype))
+    # a channel's first learning steps: the target's median and blur, both stages' steps with their
+    # noise injection, backward passes and optimiser (~250 ms on a first step otherwise)
+    learner = Learner(get_preset("confocal"), cold_start_schedule(8), torch.device("cpu"))
+    unit = torch.from_numpy(field[:64, :64] / 200.0)
+    while not learner.ready:
+        learner.cold_step(unit)
+    learner.finetune_step(unit)
+    learner.infer(unit)
 
 
 def channel_config(preset: str, **kw: object) -> ChannelConfig:
     """A ChannelConfig for a preset name; "auto" calibrates each channel's noise on its own frames."""
-    from .presets import get_preset
-
     auto = preset == "auto"
     return ChannelConfig(preset=get_preset("confocal" if auto else preset), auto_noise=auto, **kw)  # type: ignore[arg-type]
 
@@ -209,7 +217,7 @@ class Channel:
 
     def answer(self, prep: Prepared) -> tuple[np.ndarray, str]:
         """Denoised pixels (input dtype) and their status: "denoised" (network) or "bootstrap" (classical)."""
-        network = self.ready
+        network = self.learner.answers
         out = self.learner.infer(prep.unit) if network else gaussian(prep.unit, 1.0)
         camera = out * prep.scaling.span + prep.scaling.black
         self.clock.lap("inference" if network else "classical")
@@ -285,8 +293,7 @@ class Channel:
         p = self.learner.preset
         meta: dict[str, object] = {
             "channel": self.name, "n_chan": p.n_chan, "base": self.base,
-            "preset": {"name": p.name, "n_chan": p.n_chan, "stride": p.stride, "w_size": p.w_size,
-                       "k_g": p.k_g, "k_p": p.k_p, "lambda_p": p.lambda_p},
+            "preset": p.record(),
             "scaling": None if self.scaling is None else [self.scaling.black, self.scaling.white],
             "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
             "frames_seen": self.frames_seen, "frames_learnt": self.frames_before + self.frames_seen,

@@ -70,7 +70,7 @@ class Result:
     "raw" (passed through after an error, `reason` says why). degraded: fine-tuning was cut for
     latency, or the frame is not network-denoised. steps: the channel model's total step count.
     averaged: mean number of consecutive frames averaged per pixel (1 = this frame alone).
-    cold_start: share of the channel's cold start done when it answered (1 = the network answers).
+    cold_start: share of the channel's cold start done when it answered (1 = done; the status says who answered).
     """
 
     frame: Frame

@@ -65,7 +65,8 @@ class PipelineConfig:
     queue_size: int = 64
     max_finetune_steps: int = 8
     threads: int = field(default_factory=default_threads)
-    cold_start: str = "classical"  # "classical": answer with the pre-denoiser meanwhile; "wait": train first
+    # "classical": answer with the pre-denoiser meanwhile; "wait": train until the network answers
+    cold_start: str = "classical"
     state_dir: str | None = None  # learnt channel state kept here between runs (StateStore); None = not kept
     save_state_every_s: float = 120.0  # while streaming, ready channels are saved this often (and at stop)
 
@@ -271,8 +272,8 @@ class Pipeline:
         try:
             channel = self.channel_for(frame.channel, frame.pixels)
             prep = channel.prepare(frame.pixels, (frame.p, frame.z))
-            if not channel.ready and self.config.cold_start == "wait":
-                while not channel.ready:
+            if not channel.learner.answers and self.config.cold_start == "wait":
+                while not channel.learner.answers:
                     channel.learn_step(prep)
             pixels, status = channel.answer(prep)
             reason = None
@@ -300,7 +301,8 @@ class Pipeline:
             return None
         try:  # learn after: as the latency policy allows
             channel.remember(prep)
-            plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s, channel.frames_seen)
+            plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s, channel.frames_seen,
+                                    answers=channel.learner.answers)
             if channel.ready and any(name != channel.name for name in self._cold):
                 # another channel has not finished its cold start (it went quiet): the time between frames
                 # is its idle time, not this ready channel's fine-tuning, which would take all of it

@@ -6,6 +6,9 @@ Publish first, learn after. After each answer the pipeline asks `plan` and train
   that it learns until the frame's latency budget is spent or another frame waits. Under a backlog of
   COLD_BACKLOG frames or more the share is taken on every COLD_BACKLOG-th frame only (the same share,
   in fewer pieces), so the answers in between drain the queue;
+- a channel whose network already answers while its cold start goes on (the generic start) keeps
+  that share only while no frame waits: its answers are already the network's, so a queue is
+  drained first;
 - a ready channel fine-tunes while one step plus one answer still fits the budget and no frame waits,
   at most `max_finetune_steps`; an estimate found over budget decays so that a one-off slow step
   (kernel set-up, a busy moment) does not switch fine-tuning off for good;
@@ -57,10 +60,14 @@ class LatencyPolicy:
         """Record what one fine-tune step cost."""
         self.step_s = self._smooth(self.step_s, seconds)
 
-    def plan(self, received: float, backlog: int, ready: bool, answer_seconds: float, frame_index: int = 0) -> Plan:
+    def plan(self, received: float, backlog: int, ready: bool, answer_seconds: float, frame_index: int = 0,
+             answers: bool = False) -> Plan:
         """The learning plan after answering a frame received at `received` (clock time) that took
         `answer_seconds`, with `backlog` frames waiting, for a channel that is `ready` or cold
-        (`frame_index`: the channel's frame count, for the backlog rule)."""
+        (`frame_index`: the channel's frame count, for the backlog rule; `answers`: a cold channel's
+        network answers already)."""
+        if not ready and answers and backlog > 0:
+            return Plan(0, skipped=True)
         if not ready:
             share = answer_seconds * COLD_SHARE / (1 - COLD_SHARE)
             if backlog >= COLD_BACKLOG:

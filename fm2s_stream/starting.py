@@ -16,9 +16,16 @@ import torch
 
 from .model import FM2SNet
 
-__all__ = ["GENERIC_FILE", "INITS", "expand", "generic_state", "load_generic"]
+__all__ = ["GENERIC_ANSWER_STEPS", "GENERIC_FILE", "INITS", "expand", "generic_state", "load_generic"]
 
 GENERIC_FILE = "generic_fm2s.npz"
+# From the generic network, the network answers after this many cold-start steps while the rest of the
+# cold start goes on. benchmarks/init_study.py (seed 0, --steps 0,5,10,20,30,50,100), PSNR dB against the
+# classical answer (sigma-1 Gaussian): after 50 steps 32.80 vs 30.95 on the 12 dev FMD images (each
+# image above it: confocal +0.5, two-photon +1.1 to +1.9, widefield +3.4), 27.87 vs 27.49 on the 16-bit
+# correlated synthetic scene, 31.01 vs 31.41 on the 8-bit one (above it from ~100 steps); at 30 steps
+# two of 14 are below it, at 0 steps most are.
+GENERIC_ANSWER_STEPS = 50
 INITS = ("auto", "random", "generic")  # besides a channel name (start from that channel's network)
 
 

@@ -34,6 +34,16 @@ def test_backlog_stops_fine_tuning_but_never_the_cold_start():
     assert sum(p.max_steps > 0 for p in plans) == 8 // COLD_BACKLOG
 
 
+def test_a_cold_start_whose_network_answers_yields_to_a_queue():
+    policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    waiting = policy.plan(100.0, backlog=1, ready=False, answer_seconds=0.02, answers=True)
+    assert waiting.max_steps == 0 and waiting.skipped
+    quiet = policy.plan(100.0, backlog=0, ready=False, answer_seconds=0.02, answers=True)
+    assert quiet.max_steps > 0 and quiet.at_least_s == pytest.approx(0.02 * COLD_SHARE / (1 - COLD_SHARE))
+    # a network that does not answer yet keeps its share under the same queue
+    assert policy.plan(100.0, backlog=1, ready=False, answer_seconds=0.02).max_steps > 0
+
+
 def test_sustainable_fps_is_known_once_both_costs_are_measured():
     policy = LatencyPolicy(budget_ms=50, max_finetune_steps=4)
     assert policy.sustainable_fps() is None
