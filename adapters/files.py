@@ -16,8 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from ..frame import Frame
 from ..pipeline import Pipeline
 
-__all__ = ["FileSource", "ImageFileError", "ImageInfo", "StackWriter", "check_output", "iter_planes", "read_image",
-           "read_info", "read_stack", "write_image"]
+__all__ = ["FileSource", "ImageFileError", "ImageInfo", "StackWriter", "channel_name", "check_output", "iter_planes",
+           "read_image", "read_info", "read_stack", "write_image"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -215,6 +215,14 @@ def write_image(path: str | Path, data: np.ndarray, overwrite: bool = False, axe
         raise ImageFileError(f"{path}: unsupported output type {suffix!r} (use .png, .tif or .tiff)")
 
 
+
+def channel_name(names: list[str], c: int | None, base: str = "default") -> str:
+    """The channel a stack's C index stands for: its OME name, else `<base>-<c>` (`base` with no C axis)."""
+    if c is None:
+        return base
+    return names[c] if len(names) > c else f"{base}-{c}"
+
+
 class FileSource:
     """Replays the planes of an image file into a pipeline as a time-lapse, optionally paced."""
 
@@ -231,7 +239,7 @@ class FileSource:
         for i, index in enumerate(np.ndindex(*data.shape[:-2])):
             where = dict(zip(lead, index))
             c = where.get("C")
-            channel = self.channel if c is None else names[c] if len(names) > c else f"{self.channel}-{c}"
+            channel = channel_name(names, c, self.channel)
             t = int(np.ravel_multi_index([index[k] for k, a in enumerate(lead) if a not in "CZ"],
                                          [data.shape[k] for k, a in enumerate(lead) if a not in "CZ"])) if any(
                 a not in "CZ" for a in lead) else 0

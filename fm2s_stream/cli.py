@@ -36,7 +36,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters.files import ImageFileError, check_output, read_stack, write_image
-    from .offline import denoise
+    from .offline import denoise, denoise_kept
 
     torch.set_num_threads(args.threads)
     inputs = [Path(p) for p in args.inputs]
@@ -60,6 +60,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         target = (out / path.name) if (many or out.is_dir()) else out
         try:
             data, axes, info = read_stack(path)
+            args.names = _channel_names(data, axes, info, args.channel)
             t0 = time.perf_counter()
             if data.ndim > 2 and (args.workers or args.scheduler):
                 _denoise_on_dask(path, target, data, axes, info, args)
@@ -70,7 +71,13 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             else:
                 if target.exists() and not args.overwrite:
                     raise ImageFileError(f"{target}: exists; pass --overwrite to replace it")
-                result = denoise(np.asarray(data), args.preset, args.method, args.device, args.seed, init=args.init)
+                if args.state:
+                    result, notes = denoise_kept(np.asarray(data), args.state, args.names[0], args.preset,
+                                                 args.method, args.device, args.seed, init=args.init)
+                    _say_notes(path, notes)
+                else:
+                    result = denoise(np.asarray(data), args.preset, args.method, args.device, args.seed,
+                                     init=args.init)
                 if _is_zarr(target):
                     from .adapters.ngff import NgffWriter
 
@@ -87,6 +94,23 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _channel_names(data: Any, axes: str, info: Any, base: str) -> list[str]:
+    """State names of a file's channels, by C index: OME names, else `<base>-<c>` (as `send` names them)."""
+    from .adapters.files import channel_name
+    from .offline import channel_axis
+
+    c_axis = channel_axis(axes, data.ndim)
+    if c_axis is None:
+        return [base]
+    return [channel_name(info.channel_names, c, base) for c in range(data.shape[c_axis])]
+
+
+def _say_notes(path: Path, notes: dict[str, str]) -> None:
+    """What happened to each channel's kept state (resumed, saved, or why not), on stderr."""
+    for name, note in notes.items():
+        print(f"{path.name}: channel {name!r}: {note}", file=sys.stderr)
+
+
 def _is_zarr(path: Path) -> bool:
     return path.suffix.lower() == ".zarr"
 
@@ -99,9 +123,11 @@ def _denoise_on_dask(path: Path, target: Path, data: Any, axes: str, info: Any, 
         raise ValueError(f"--workers/--scheduler need Dask: pip install 'fm2s-stream[dask]' ({exc})") from None
     from .offline import StackDenoiser
 
-    denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed, tta=args.tta, init=args.init)
+    denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed, tta=args.tta, init=args.init,
+                             state_dir=args.state, names=args.names)
     summary = run_on_dask(path, target, data, axes, info, denoiser, workers=args.workers, scheduler=args.scheduler,
                           overwrite=args.overwrite, say=lambda line: print(f"{path.name}: {line}", file=sys.stderr))
+    _say_notes(path, denoiser.notes)
     print(json.dumps({"dask": summary}))
 
 
@@ -136,12 +162,17 @@ def _denoise_stack_file(path: Path, target: Path, data, axes: str, info, args: a
             raise _Interrupted
 
     def learnt(channel: int, plane: int) -> None:
-        print(f"\r{path.name}: channel {channel} learnt on plane {plane} ({time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr)
+        name = denoiser.name_of(channel)
+        how = denoiser.notes.get(name, "")
+        print(f"\r{path.name}: channel {channel} ({name}) {how if how.startswith('resumed') else 'learnt'} "
+              f"on plane {plane} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        if how and not how.startswith("resumed"):
+            print(f"{path.name}: channel {name!r}: {how}", file=sys.stderr)
         since[:] = [time.perf_counter(), writer.done]  # the rate (and ETA) counts planes after a cold start
 
     denoiser = StackDenoiser(args.preset, args.method, args.device, args.seed,
-                             finetune_steps=args.finetune_steps, on_step=on_step, tta=args.tta, init=args.init)
+                             finetune_steps=args.finetune_steps, on_step=on_step, tta=args.tta, init=args.init,
+                             state_dir=args.state, names=args.names)
     previous = signal.signal(signal.SIGINT, on_sigint)
     t0 = time.perf_counter()
     start = writer.done
@@ -431,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stacks: training steps per plane after each channel's one cold start")
     p.add_argument("--init", default=OFFLINE_INIT, choices=["generic", "random"],
                    help="where the network starts: the generic network shipped in the package, or random weights")
+    p.add_argument("--state", default=None, metavar="DIR",
+                   help="keep each channel's learnt network in DIR (the files serve keeps): a channel found "
+                        "there is not learnt again")
+    p.add_argument("--channel", default="default",
+                   help="the state name of a file without channel names (channel c of a C axis: NAME-c)")
     p.add_argument("--tta", type=int, default=STACK_TTA, choices=(1, 2, 4, 8),
                    help="stacks: inference views (flips/rotations) averaged per plane")
     p.add_argument("--average", type=int, default=1, metavar="N",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,9 +15,10 @@ from .devices import resolve_device
 from .model import FM2SNet
 from .presets import Preset, get_preset
 from .scaling import check_frame, from_unit, scaling_for, to_unit
+from .state import StateError, StateStore
 from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer, make_target
 
-__all__ = ["OFFLINE_INIT", "StackDenoiser", "average_stack", "channel_axis", "denoise", "denoise_plane",
+__all__ = ["OFFLINE_INIT", "StackDenoiser", "average_stack", "channel_axis", "denoise", "denoise_kept", "denoise_plane",
            "denoise_stack", "denoise_unit", "iter_denoised", "learn_channels", "new_network", "representative_plane",
            "start_network"]
 
@@ -27,6 +30,7 @@ STACK_TTA = 2  # inference views per plane of a stack (8 costs 4x for +0.02 dB)
 # the offline schedule starts from the generic network: +0.07 dB over random weights on the 12 dev FMD
 # images after its 905 steps (33.01 vs 32.94, benchmarks/init_study.py, seed 0; 11 of 12 images >=)
 OFFLINE_INIT = "generic"
+log = logging.getLogger(__name__)
 ANCHOR_SIGMA = 16.0  # outputs keep the raw frame's spatial frequencies below this scale (photometry)
 
 
@@ -98,6 +102,8 @@ def denoise(
     anchor_sigma: float = ANCHOR_SIGMA,
     on_step: Callable[[int], None] | None = None,
     init: str = OFFLINE_INIT,
+    state_dir: str | Path | None = None,
+    channel: str = "default",
 ) -> np.ndarray:
     """Denoise one uint8/uint16 2D frame with FM2S; returns the same dtype and shape.
 
@@ -106,14 +112,38 @@ def denoise(
     frame's spatial frequencies below this scale in pixels, so region means stay the raw frame's
     (0 = off, the paper's behaviour; the median target otherwise darkens dim frames by up to ~13 %);
     on_step: called with the step count after every training step (progress; an exception it raises stops);
-    init: "generic" (the shipped starting network) or "random" (the paper's).
+    init: "generic" (the shipped starting network) or "random" (the paper's);
+    state_dir: keep the learnt network as channel `channel` there, or use the one kept (`StackDenoiser`).
     """
     check_frame(frame)
+    if state_dir is not None:
+        return denoise_kept(frame, state_dir, channel, preset, method, device, seed, anchor_sigma, on_step, init)[0]
     scaling = scaling_for(frame)
     p = _preset(preset, frame)
     unit = to_unit(frame, scaling)
     out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed, on_step, init)
     return from_unit(anchor(out, unit, anchor_sigma).numpy(), scaling, frame.dtype)
+
+
+def denoise_kept(
+    frame: np.ndarray,
+    state_dir: str | Path,
+    channel: str = "default",
+    preset: str | Preset = "auto",
+    method: str | Schedule = "fast",
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+    anchor_sigma: float = ANCHOR_SIGMA,
+    on_step: Callable[[int], None] | None = None,
+    init: str = OFFLINE_INIT,
+) -> tuple[np.ndarray, dict[str, str]]:
+    """`denoise` of one frame with channel `channel` kept in `state_dir`; also what happened to it
+    (`StackDenoiser.notes`: resumed, saved, or why the saved state was not used)."""
+    schedule = _schedule(method)
+    one = StackDenoiser(preset, schedule, device, seed, anchor_sigma, 0, on_step, schedule.tta, init, state_dir,
+                        [channel])
+    one.learn(0, frame)
+    return one.plane(0, frame), one.notes
 
 
 def representative_plane(planes: list[np.ndarray]) -> int:
@@ -129,20 +159,37 @@ class StackDenoiser:
     "auto"); `plane` runs `finetune_steps` stage-2 steps on the plane's own target (0 = inference
     only), then inference with `tta` views and anchoring. Planes of a stack share their channel's
     scene and noise, so one cold start serves them all (measured: see STACK_TTA).
+
+    With `state_dir`, channels are kept by name (`names[c]`, else "default-<c>") in the same
+    `StateStore` files the stream keeps: a channel found there, learnt on frames of the same dtype,
+    is not learnt again (its saved network and noise parameters are used), and one learnt here is
+    saved for the next run, `denoise` or `serve` alike. A state that cannot be used is reported in
+    `notes` (file and reason) and the channel is learnt as without one.
     """
 
     def __init__(self, preset: str | Preset = "auto", method: str | Schedule = "fast",
                  device: str | torch.device | None = "auto", seed: int = 0, anchor_sigma: float = ANCHOR_SIGMA,
                  finetune_steps: int = STACK_FINETUNE_STEPS, on_step: Callable[[int], None] | None = None,
-                 tta: int = STACK_TTA, init: str = OFFLINE_INIT) -> None:
+                 tta: int = STACK_TTA, init: str = OFFLINE_INIT, state_dir: str | Path | None = None,
+                 names: Sequence[str] = ()) -> None:
         self.preset, self.schedule, self.device = preset, _schedule(method), resolve_device(device)
         self.tta, self.init = tta, init
         self.seed, self.anchor_sigma, self.finetune_steps, self.on_step = seed, anchor_sigma, finetune_steps, on_step
         self.trainers: dict[int, Trainer] = {}
+        self.names = list(names)
+        self.store = StateStore(state_dir) if state_dir is not None else None
+        self.notes: dict[str, str] = {}  # channel name -> "resumed ...", "saved ...", why its state was not used
+
+    def name_of(self, channel: int) -> str:
+        """The name channel index `channel` is kept under in a state directory."""
+        return self.names[channel] if channel < len(self.names) else f"default-{channel}"
 
     def learn(self, channel: int, plane: np.ndarray) -> None:
-        """Train channel `channel`'s network on `plane` (uint8/uint16 2D) with the whole schedule."""
+        """Train channel `channel`'s network on `plane` (uint8/uint16 2D) with the whole schedule,
+        or take it from the state directory when it holds a usable one."""
         check_frame(plane)
+        if self._resume(channel, plane):
+            return
         unit = to_unit(plane, scaling_for(plane))
         p = _preset(self.preset, plane)
         net = start_network(p.n_chan, self.seed + channel, self.device, self.init)
@@ -151,6 +198,64 @@ class StackDenoiser:
         raw_t = as_batch(unit, self.device)
         trainer.fit(raw_t, as_batch(make_target(unit, p, self.schedule.target).numpy(), self.device), self.schedule)
         self.trainers[channel] = trainer
+        self._save(channel, plane, trainer)
+
+    def _note(self, name: str, message: str, problem: bool = False) -> None:
+        self.notes[name] = f"{self.notes[name]}; {message}" if name in self.notes else message
+        if problem:
+            log.warning("channel %r: %s", name, message)
+
+    def _resume(self, channel: int, plane: np.ndarray) -> bool:
+        """Take channel `channel`'s trainer from the state directory; False (and why, in `notes`) if not."""
+        if self.store is None:
+            return False
+        name = self.name_of(channel)
+        try:
+            saved = self.store.load(name)
+        except StateError as exc:
+            self._note(name, f"learnt anew: {exc}", problem=True)
+            return False
+        if saved is None:
+            return False
+        tensors, meta = saved
+        path = self.store.path_for(name)
+        if not meta.get("ready"):
+            self._note(name, f"learnt anew: {path} holds an unfinished cold start", problem=True)
+            return False
+        if meta.get("dtype") != plane.dtype.str:
+            self._note(name, f"learnt anew: {path} was learnt on {meta.get('dtype')} frames, these are "
+                             f"{plane.dtype.str}", problem=True)
+            return False
+        try:
+            preset = Preset.from_record(meta.get("preset"))
+            net = new_network(preset.n_chan, self.seed + channel, self.device)
+            net.load_state_dict({k: v.to(self.device) for k, v in tensors["net"].items()})
+            trainer = Trainer(net, preset, self.device, seed=self.seed)
+            trainer.load_optimizer(tensors["opt"])
+        except Exception as exc:  # any mismatch of the weights or the noise record: learn instead
+            self._note(name, f"learnt anew: {path}: weights do not fit ({type(exc).__name__}: {exc})", problem=True)
+            return False
+        trainer.on_step = self.on_step
+        self.trainers[channel] = trainer
+        self._note(name, f"resumed from {path} ({meta.get('frames_learnt', '?')} frames learnt, no cold start)")
+        return True
+
+    def _save(self, channel: int, plane: np.ndarray, trainer: Trainer) -> None:
+        """Keep what channel `channel` learnt on `plane` for the next run (offline or streaming)."""
+        if self.store is None:
+            return
+        name = self.name_of(channel)
+        p = trainer.preset
+        tensors = {"net": {k: v.detach().cpu() for k, v in trainer.net.state_dict().items()},
+                   "opt": trainer.optimizer_record(), "steps": trainer.steps, "temporal_steps": 0,
+                   "answer_from": 0}
+        meta = {"channel": name, "n_chan": p.n_chan, "base": p.name, "preset": p.record(), "scaling": None,
+                "shape": list(plane.shape), "dtype": plane.dtype.str, "frames_seen": 1, "frames_learnt": 1,
+                "steps": trainer.steps, "ready": True}
+        if self.store.save(name, tensors, meta):
+            self._note(name, f"saved to {self.store.path_for(name)}")
+        else:
+            self._note(name, self.store.problems[-1] if self.store.problems else "not saved", problem=False)
 
     def plane(self, channel: int, plane: np.ndarray) -> np.ndarray:
         """The denoised plane (same dtype) with channel `channel`'s network (learnt first)."""
@@ -254,19 +359,23 @@ def denoise_stack(
     tta: int = STACK_TTA,
     average: int = 1,
     init: str = OFFLINE_INIT,
+    state_dir: str | Path | None = None,
+    names: Sequence[str] = (),
 ) -> np.ndarray:
     """Denoise a 2D frame (exactly `denoise`) or an N-D stack (last two axes Y, X) plane by plane.
 
     A stack gets one network per channel (the "C" axis of `axes`, if any), learnt once on a
     representative plane, then `finetune_steps` per plane and inference (`StackDenoiser`); with
     `average` > 1, a non-causal registered temporal average over up to that many frames along T
-    (`average_stack`).
+    (`average_stack`). With `state_dir`, channel c is kept there as `names[c]` (see `StackDenoiser`).
     """
     if data.ndim == 2:
-        return denoise(data, preset, method, device, seed, anchor_sigma, on_step, init)
+        return denoise(data, preset, method, device, seed, anchor_sigma, on_step, init, state_dir,
+                       names[0] if names else "default")
     if data.ndim < 2:
         raise ValueError(f"expected a 2D frame or a stack, got shape {data.shape}")
-    denoiser = StackDenoiser(preset, method, device, seed, anchor_sigma, finetune_steps, on_step, tta, init)
+    denoiser = StackDenoiser(preset, method, device, seed, anchor_sigma, finetune_steps, on_step, tta, init,
+                             state_dir, names)
     out = np.empty_like(data)
     total = int(np.prod(data.shape[:-2]))
     for i, (index, plane) in enumerate(iter_denoised(data, axes, denoiser)):

@@ -6,7 +6,7 @@ of an 8-bit frame (see `fm2s_stream.scaling` for how 16-bit frames are mapped in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 __all__ = ["NOISE_LEVELS", "PRESETS", "Preset", "get_preset", "preset_names"]
 
@@ -37,6 +37,21 @@ class Preset:
     def with_noise(self, k_g: float, k_p: float, lambda_p: float, name: str | None = None) -> Preset:
         """Return a copy with other noise strengths (e.g. from calibration)."""
         return replace(self, k_g=k_g, k_p=k_p, lambda_p=lambda_p, name=name or self.name)
+
+    def record(self) -> dict[str, object]:
+        """The preset as JSON-ready fields (state files)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: object) -> Preset:
+        """A preset from `record()`'s fields; ValueError if they are missing or out of range."""
+        if not isinstance(record, dict):
+            raise ValueError("preset record is not an object")
+        try:
+            return cls(str(record["name"]), int(record["n_chan"]), int(record["stride"]), int(record["w_size"]),
+                       float(record["k_g"]), float(record["k_p"]), float(record["lambda_p"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"preset record lacks a field or has a wrong type ({exc})") from exc
 
 
 PRESETS: dict[str, Preset] = {

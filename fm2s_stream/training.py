@@ -173,6 +173,21 @@ class Trainer:
         self.shared_noise = False
         self.on_step: Callable[[int], None] | None = None  # called after each step (progress; may raise to stop)
 
+    def optimizer_record(self) -> dict[str, object]:
+        """Adam's moments (CPU copies) and parameter groups: what `load_optimizer` takes back."""
+        opt = self.optimizer.state_dict()
+        state = {k: {n: t.detach().cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                 for k, v in opt["state"].items()}
+        return {"state": state, "param_groups": opt["param_groups"]}
+
+    def load_optimizer(self, record: object) -> None:
+        """Continue Adam from `optimizer_record()` of an earlier run (raises on a mismatch)."""
+        if not isinstance(record, dict):
+            raise ValueError("optimiser record is not an object")
+        state = {int(k): {n: (t.to(self.device) if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+                 for k, v in record["state"].items()}
+        self.optimizer.load_state_dict({"state": state, "param_groups": record["param_groups"]})
+
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group."""
         for group in self.optimizer.param_groups:

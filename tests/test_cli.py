@@ -6,8 +6,9 @@ import tifffile
 from PIL import Image
 
 from fm2s_stream import cli
+from fm2s_stream.state import StateStore
 from fm2s_stream.synthetic import Camera, TimeLapse
-from fm2s_stream.training import SCHEDULES, scaled
+from fm2s_stream.training import SCHEDULES, Trainer, scaled
 
 
 @pytest.fixture(autouse=True)
@@ -235,3 +236,52 @@ def test_average_smooths_a_still_time_lapse_along_t_only(tmp_path):
     z = tmp_path / "z.tif"
     tifffile.imwrite(z, stack, ome=True, metadata={"axes": "ZYX"})
     assert cli.main(["denoise", str(z), "-o", str(tmp_path / "zo.tif"), "--average", "4", *args]) == 1
+
+
+def test_state_keeps_each_channel_and_a_second_run_learns_nothing(tmp_path, capsys, monkeypatch):
+    stack = np.stack([frames(16, 3), frames(16, 3)], axis=1)  # T, C, Y, X
+    src, state = tmp_path / "stack.ome.tif", tmp_path / "state"
+    tifffile.imwrite(src, stack, ome=True, metadata={"axes": "TCYX", "Channel": {"Name": ["GFP", "mCherry"]}})
+    args = ["denoise", str(src), "--device", "cpu", "--threads", "1", "--state", str(state)]
+    assert cli.main([*args, "-o", str(tmp_path / "a.ome.tif")]) == 0
+    assert capsys.readouterr().err.count("saved to") == 2
+    assert sorted(row["channel"] for row in StateStore(state).entries()) == ["GFP", "mCherry"]
+    steps = []
+    monkeypatch.setattr(Trainer, "step", lambda self, *a: steps.append(1) or 0.0)  # a second run trains nothing
+    assert cli.main([*args, "-o", str(tmp_path / "b.ome.tif")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("resumed from") == 2 and not steps, err
+    first, second = tifffile.imread(tmp_path / "a.ome.tif"), tifffile.imread(tmp_path / "b.ome.tif")
+    np.testing.assert_array_equal(first, second)  # the kept networks are the learnt ones
+
+
+def test_a_2d_frame_with_state_is_the_plain_answer_then_reuses_it(tmp_path, capsys):
+    img = frames(8)
+    src, state = tmp_path / "in.png", tmp_path / "state"
+    Image.fromarray(img).save(src)
+    assert cli.main(["denoise", str(src), "-o", str(tmp_path / "plain.png"), "--device", "cpu"]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))
+    for run in ("a", "b"):
+        assert cli.main(["denoise", str(src), "-o", str(tmp_path / f"{run}.png"), "--device", "cpu",
+                         "--state", str(state), "--channel", "DAPI"]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{run}.png")), plain)
+    err = capsys.readouterr().err
+    assert "channel 'DAPI': saved to" in err and "channel 'DAPI': resumed from" in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "dtype"])
+def test_unusable_state_is_reported_and_the_channel_learnt_anew(tmp_path, capsys, damage):
+    src, state = tmp_path / "in.tif", tmp_path / "state"
+    tifffile.imwrite(src, frames(16))
+    out = ["-o", str(tmp_path / "o.tif"), "--overwrite", "--device", "cpu", "--state", str(state)]
+    assert cli.main(["denoise", str(src), *out]) == 0
+    path = StateStore(state).path_for("default")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:  # the same channel name, frames of another dtype
+        tifffile.imwrite(src, frames(8))
+    capsys.readouterr()
+    assert cli.main(["denoise", str(src), *out]) == 0
+    err = capsys.readouterr().err
+    assert "learnt anew" in err and str(path) in err and "saved to" in err, err
+    assert ("unreadable" if damage == "truncate" else "these are |u1") in err, err
