@@ -8,6 +8,16 @@ preset); auto (fast, noise calibrated on the image); fast16 / auto16 (the image 
 would give it: x64 + offset 400 + read noise 16 ADU, denoised, mapped back to 8-bit levels).
 `--fast` overrides fields of the fast schedule (e.g. `rounds=300,target=median`) for experiments.
 Every method runs on the same images in one process, so timings compare on the same machine state.
+
+The classical competitor is BM3D given the right noise model (PyPI `bm3d`, non-commercial licence:
+`pip install ".[bench]"`, never a runtime dependency), in the two recipes of ../shared/FINDINGS.md:
+- `bm3d-gat-*`: generalized Anscombe transform with the Poisson-Gaussian law var = a * level + b,
+  BM3D at sigma 1 in the transformed domain, asymptotically unbiased inverse (confocal, two-photon);
+- `bm3d-psd-*`: BM3D with the noise's power spectrum (spatially correlated noise: widefield);
+- `bm3d-*` (no recipe named): the modality's recipe (widefield: psd, else gat).
+`*-oracle` fits the noise law from the raw - ground-truth residual (an upper bound for BM3D);
+`*-cal` takes it from our own single-frame `calibrate` (a, b, and the lag-1 correlation rho, whose
+separable AR(1) spectrum stands in for the measured one): what a user could run.
 """
 
 from __future__ import annotations
@@ -65,6 +75,72 @@ def preset_for(name: str) -> str:
     return "srdtrans"
 
 
+def oracle_law(raw: np.ndarray, gt: np.ndarray, bins: int = 16) -> tuple[float, float]:
+    """(a, b) of var(raw - gt) = a * gt + b, fitted over quantile bins of gt (8-bit units)."""
+    r, g = raw.astype(np.float64).ravel(), gt.astype(np.float64).ravel()
+    edges = np.unique(np.quantile(g, np.linspace(0, 1, bins + 1)))
+    idx = np.clip(np.searchsorted(edges, g, side="right") - 1, 0, len(edges) - 2)
+    levels, variances, weights = [], [], []
+    for k in range(len(edges) - 1):
+        sel = idx == k
+        if sel.sum() > 100:
+            levels.append(g[sel].mean())
+            variances.append((r[sel] - g[sel]).var())
+            weights.append(sel.sum())
+    a, b = np.polyfit(levels, variances, 1, w=np.sqrt(weights))
+    return max(float(a), 1e-6), float(b)
+
+
+def oracle_psd(raw: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """bm3d's sigma_psd of the residual: |FFT2|^2 of the zero-mean (raw - gt) / 255, 9x9-smoothed (wrap)."""
+    n = (raw.astype(np.float64) - gt.astype(np.float64)) / 255.0
+    return ndimage.uniform_filter(np.abs(np.fft.fft2(n - n.mean())) ** 2, 9, mode="wrap")
+
+
+def calibrated_psd(shape: tuple[int, int], variance: float, rho: float) -> np.ndarray:
+    """The same array from a variance and a lag-1 correlation: a separable AR(1) spectrum (mean 1) x N x var."""
+    def ar1(n: int) -> np.ndarray:
+        f = np.fft.fftfreq(n)
+        return (1 - rho**2) / (1 - 2 * rho * np.cos(2 * np.pi * f) + rho**2)
+    return shape[0] * shape[1] * variance * np.outer(ar1(shape[0]), ar1(shape[1]))
+
+
+def bm3d_gat(raw: np.ndarray, a: float, b: float) -> np.ndarray:
+    """BM3D in the generalized Anscombe domain of var = a * level + b (8-bit levels), inverted back."""
+    import bm3d
+
+    c = b / a**2
+    d = 2.0 * np.sqrt(np.maximum(raw.astype(np.float64) / a + 3.0 / 8.0 + c, 0.0))
+    lo, span = d.min(), max(d.max() - d.min(), 1e-9)
+    d_hat = np.asarray(bm3d.bm3d((d - lo) / span, sigma_psd=1.0 / span)) * span + lo
+    return a * np.maximum((d_hat / 2.0) ** 2 - 1.0 / 8.0 - c, 0.0)
+
+
+def bm3d_psd(raw: np.ndarray, psd: np.ndarray) -> np.ndarray:
+    """BM3D of raw / 255 with the noise power spectrum `psd` (bm3d's convention), back to 8-bit levels."""
+    import bm3d
+
+    return np.asarray(bm3d.bm3d(raw.astype(np.float64) / 255.0, sigma_psd=psd)) * 255.0
+
+
+def bm3d_method(method: str, raw: np.ndarray, gt: np.ndarray, preset: str) -> np.ndarray:
+    """One BM3D recipe (`bm3d-[gat|psd-]oracle|cal`) on an 8-bit frame."""
+    parts = method.split("-")
+    recipe = parts[1] if len(parts) == 3 else "psd" if preset == "widefield" else "gat"
+    if parts[-1] == "oracle":
+        a, b = oracle_law(raw, gt)
+        psd = oracle_psd(raw, gt)
+    else:
+        from fm2s_stream.calibrate import estimate_noise
+
+        est = estimate_noise(raw)
+        a, b = max(est.a, 1e-6), est.b
+        mean_var = float(np.mean(np.maximum(a * raw.astype(np.float64) + b, 1e-6))) / 255.0**2
+        psd = calibrated_psd(raw.shape, mean_var, est.rho)
+    out = bm3d_gat(raw, a, b) if recipe == "gat" else bm3d_psd(raw, psd)
+    return np.clip(out, 0, 255)
+
+
 def classical(method: str, raw: np.ndarray) -> np.ndarray:
     f = raw.astype(np.float64)
     if method == "raw":
@@ -106,8 +182,10 @@ def parse_overrides(text: str) -> dict[str, object]:
     return out
 
 
-def run_method(m: str, raw: np.ndarray, preset: str, fast: object, seed: int) -> np.ndarray:
-    """One method's output for one image, on the 8-bit scale of `raw`."""
+def run_method(m: str, raw: np.ndarray, preset: str, fast: object, seed: int, gt: np.ndarray) -> np.ndarray:
+    """One method's output for one image, on the 8-bit scale of `raw` (`gt` only for the oracle recipes)."""
+    if m.startswith("bm3d"):
+        return bm3d_method(m, raw, gt, preset)
     if m in ("paper", "fast"):  # the paper's schedule as published: no photometric anchoring
         return denoise(raw, preset, fast if m == "fast" else "paper", device="cpu", seed=seed,  # type: ignore[arg-type]
                        anchor_sigma=16.0 if m == "fast" else 0.0)
@@ -138,6 +216,14 @@ def main() -> None:
         raise SystemExit(0)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
+    if any(m.startswith("bm3d") for m in methods):
+        if not hasattr(np, "trapz"):  # bm4d 4.x (under bm3d) calls np.trapz, which numpy 2 removed
+            np.trapz = np.trapezoid  # type: ignore[attr-defined]
+        try:
+            import bm3d  # noqa: F401
+        except ImportError:
+            print("bm3d is not installed (pip install '.[bench]'); leaving out the BM3D methods", file=sys.stderr)
+            methods = [m for m in methods if not m.startswith("bm3d")]
     fast = dataclasses.replace(SCHEDULES["fast"], **parse_overrides(args.fast))
     images = [p for p in pairs(args.data) if args.only in p[0]]
     if args.max_images:
@@ -153,7 +239,7 @@ def main() -> None:
             runs = []
             for seed in range(args.seeds if m in ("paper", "fast", "auto", "fast16", "auto16") else 1):
                 t0 = time.perf_counter()
-                out = run_method(m, raw, preset, fast, seed)
+                out = run_method(m, raw, preset, fast, seed, gt)
                 runs.append((psnr(out, gt), ssim(out, gt), time.perf_counter() - t0))
             p, s, dt = (float(np.mean(v)) for v in zip(*runs))
             row = {"image": name, "method": m, "preset": preset, "psnr": p, "ssim": s, "seconds": dt,

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numba
 import numpy as np
-from scipy import optimize, special
+from scipy import ndimage, optimize, special
 
 from .presets import Preset, get_preset
 from .scaling import check_frame, scaling_for
@@ -116,6 +116,9 @@ class NoiseEstimate:
     median_level: float
     tiles_used: int
     clipped: bool = False  # dark regions reach 0: (a, b) were fitted through the clipping (see observed_variance)
+    frames: int = 1  # frames the estimate came from (2+: differences of frames of one field)
+    # the photon-transfer curve behind the fit: (level, variance, tiles, used in the fit) per bin
+    bins: tuple[tuple[float, float, float, bool], ...] = field(default=(), compare=False, repr=False)
 
     def variance(self, level: float | np.ndarray) -> Any:
         """Noise variance at a camera level, before clipping (the camera's Poisson-Gaussian law)."""
@@ -155,6 +158,17 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
     m, n = mean[smooth], noise[smooth]
     if m.size < 16:
         raise ValueError("frame too structured or too small to estimate its noise (need flat regions)")
+    a, b, clipped, curve = _fit_law(m, n, bins, min(rho, 0.95), _median_bias(TILE))
+    black = float(np.quantile(mean[ok], 0.001))
+    return NoiseEstimate(a, b, rho, black, float(np.median(mean[ok])), int(m.size), clipped, 1, curve)
+
+
+def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: float) -> tuple[
+        float, float, bool, tuple[tuple[float, float, float, bool], ...]]:
+    """(a, b, clipped, the binned curve) of var = a * level + b through tiles' levels `m` and noise
+    variance estimates `n`: a bin's variance is its tiles' median (structure inflates some) over
+    `median_bias` (median / mean of one tile's estimate under noise alone); `rho`: the correlation of
+    the values the estimates were differences of (for the fit through clipping)."""
     bins = max(1, min(bins, m.size // 8))  # small frames: fewer, fuller bins
     # half the bins split the tiles evenly (most tiles are background), half split the level range
     # evenly (the few bright tiles carry the slope)
@@ -168,21 +182,78 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
         if sel.sum() >= 8:
             med = float(np.median(n[sel]))
             xs.append(float(np.median(m[sel])))
-            ys.append(med / _median_bias(TILE))
+            ys.append(med / median_bias)
             ws.append(float(sel.sum()))
             spread.append(float(np.median(np.abs(n[sel] - med))) * 1.4826 / max(med, 1e-12))
     x, y, wt = np.array(xs), np.array(ys), np.array(ws)
     if x.size == 0 or not np.all(np.isfinite(y)):
         raise ValueError("too few flat regions to estimate the noise")
     a, b, use = _robust_line(x, y, wt, np.array(spread))
+    curve = tuple((float(xi), float(yi), float(wi), bool(ui)) for xi, yi, wi, ui in zip(x, y, wt, use))
     x, y, wt = x[use], y[use], wt[use]
     # dark tiles within a few noise std of 0 are clipped there: their variance shrinks and their mean
     # rises, which tilts a straight line; fit the law through the clipping instead
     clipped = x.size >= 3 and bool(np.min(x / np.sqrt(np.maximum(y, 1e-12))) < CLIP_SIGMAS)
     if clipped:
-        a, b = _fit_clipped(x, y, wt, a, float(b), min(rho, 0.95))
-    black = float(np.quantile(mean[ok], 0.001))
-    return NoiseEstimate(a, float(b), rho, black, float(np.median(mean[ok])), int(m.size), clipped)
+        a, b = _fit_clipped(x, y, wt, a, float(b), rho)
+    return a, float(b), clipped, curve
+
+
+DRIFT_WINDOW = 63  # frame differences: their local mean over this window is drift, not noise
+
+
+def estimate_noise_frames(frames: list[np.ndarray], bins: int = 16) -> NoiseEstimate:
+    """Fit the noise from several frames of one static field: differences of consecutive frames cancel
+    the scene, so fine texture cannot pass for noise (the single-frame estimate's weakness).
+
+    Per 8x8 tile and pair: the level is the pair's mean, the noise variance half the variance of the
+    difference within the tile (a slow change such as bleaching moves the difference's mean, not its
+    variance; it is taken out over DRIFT_WINDOW pixels). Tiles with a saturated pixel are left out;
+    the binning, the robust line and the fit through clipping at 0 are the single-frame estimate's
+    (`_fit_law`; consecutive frames' noise is independent). rho is the lag-1 spatial correlation of
+    the differences. Frames must be registered (a moving stage: register them first). Measured on
+    synthetic 512x512 fields of 8 frames (gain 0.5-20 ADU/e-, read 1-10 e-, 8/16 bit, white and
+    correlated): gain within 3.4 %; on the dev FMD fields' 4 exposures, two-photon 9.17 and widefield
+    1.21 ADU/e- against 9.02 and 1.13 from the raw - truth residual (one frame: 10.28 and 2.13).
+    """
+    if len(frames) < 2:
+        raise ValueError("need at least 2 frames of one field")
+    for f in frames:
+        check_frame(f)
+        if f.shape != frames[0].shape or f.dtype != frames[0].dtype:
+            raise ValueError(f"frames differ in shape or dtype ({f.shape} {f.dtype} vs {frames[0].shape} "
+                             f"{frames[0].dtype}): one field, one camera")
+    h, w = (frames[0].shape[0] // TILE) * TILE, (frames[0].shape[1] // TILE) * TILE
+    if h == 0 or w == 0:
+        raise ValueError("frames too small to estimate their noise")
+    white = float(np.iinfo(frames[0].dtype).max)
+    levels, noise, lag_num, lag_den = [], [], 0.0, 0.0
+    ny, nx = h // TILE, w // TILE
+    for f0, f1 in itertools.pairwise(frames):
+        a0, a1 = np.asarray(f0[:h, :w], np.float64), np.asarray(f1[:h, :w], np.float64)
+        diff = a1 - a0
+        # remove the difference's slow part (bleaching, a lamp drift) over ~64x64 pixels, not per tile:
+        # a tile's own mean would take correlated noise's variance with it (10 % at rho 0.55)
+        d = (diff - ndimage.uniform_filter(diff, DRIFT_WINDOW, mode="reflect")).reshape(ny, TILE, nx, TILE)
+        level = ((a0 + a1) / 2).reshape(ny, TILE, nx, TILE).mean(axis=(1, 3)).ravel()
+        peak = np.maximum(a0, a1).reshape(ny, TILE, nx, TILE).max(axis=(1, 3)).ravel()
+        var = (d * d).sum(axis=(1, 3)).ravel() / (TILE * TILE) / 2.0
+        ok = peak < white
+        levels.append(level[ok])
+        noise.append(var[ok])
+        lag_num += float((d[:, :, :, 1:] * d[:, :, :, :-1]).sum())
+        lag_den += float((d[:, :, :, 1:] ** 2).sum())
+    m, n = np.concatenate(levels), np.concatenate(noise)
+    if m.size < 16:
+        raise ValueError("too few unsaturated regions to estimate the noise")
+    rho = float(np.clip(lag_num / max(lag_den, 1e-12), 0.0, 0.95))
+    # one tile's estimate has ~TILE^2 degrees of freedom, fewer where the noise is correlated
+    dof = TILE * TILE / _correlation_sum(rho)
+    a, b, clipped, curve = _fit_law(m, n, bins, 0.0, (1 - 2 / (9 * dof)) ** 3)
+    stack = np.stack([np.asarray(f, np.float64) for f in frames])
+    means = stack[:, :h, :w].reshape(len(frames), ny, TILE, nx, TILE).mean(axis=(2, 4)).ravel()
+    return NoiseEstimate(a, b, rho, float(np.quantile(means, 0.001)), float(np.median(means)), int(m.size),
+                         clipped, len(frames), curve)
 
 
 def _robust_line(x: np.ndarray, y: np.ndarray, wt: np.ndarray, spread: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -393,13 +464,44 @@ def auto_preset(frame: np.ndarray, base: str | None = None) -> Preset:
     return fm2s_parameters(est, frame, base or auto_base(est))
 
 
-def calibrate(frame: np.ndarray, base: str = "confocal", offset: float | None = None) -> dict[str, Any]:
-    """The estimate and the derived FM2S parameters, as a JSON-ready dict (what `calibrate` prints)."""
-    est = estimate_noise(frame)
-    preset = fm2s_parameters(est, frame, base)
-    out: dict[str, Any] = {**asdict(est), "gain_adu_per_e": est.a}
-    if offset is not None:
-        out["offset"] = offset
-        out["read_noise_e"] = est.read_noise_electrons(offset)
-    out["fm2s"] = asdict(preset)
-    return out
+def calibrate(frames: np.ndarray | list[np.ndarray], base: str = "confocal",
+              offset: float | None = None) -> dict[str, Any]:
+    """The noise law of one field and the derived FM2S parameters, as a JSON-ready dict (what
+    `calibrate --json` prints). One frame: the single-frame estimate; several (or a stack of them):
+    `estimate_noise_frames`. The law is var = a * (level - offset) + b in ADU: a is the gain (ADU/e-),
+    b the read-noise variance (ADU^2). `offset` is the camera's (ADU); without it the darkest 0.1 %
+    of the frame's 8x8 means stand in for it (an upper bound: background light adds to them), and b
+    and the read noise depend on that guess (`offset_estimated`)."""
+    planes = [frames] if isinstance(frames, np.ndarray) and frames.ndim == 2 else list(frames)
+    est = estimate_noise(planes[0]) if len(planes) == 1 else estimate_noise_frames(planes)
+    guessed = offset is None
+    off = est.black if offset is None else float(offset)
+    b_read = est.b + est.a * off  # var = a * level + b_cam  ==  a * (level - off) + (b_cam + a * off)
+    preset = fm2s_parameters(est, planes[0], base)
+    return {"a": est.a, "gain_adu_per_e": est.a, "b": b_read, "offset": off, "offset_estimated": guessed,
+            "read_noise_e": math.sqrt(max(b_read, 0.0)) / max(est.a, 1e-12),
+            "read_noise_adu": math.sqrt(max(b_read, 0.0)), "rho": est.rho, "frames": est.frames,
+            "method": "single frame" if est.frames == 1 else "frame differences", "clipped": est.clipped,
+            "median_level": est.median_level, "tiles_used": est.tiles_used,
+            "law": "var = a * (level - offset) + b (ADU)", "fm2s": asdict(preset),
+            "ptc": [list(row) for row in est.bins]}
+
+
+def calibration_table(report: dict[str, Any]) -> str:
+    """`calibrate`'s report as the readable lines `fm2s-stream calibrate` prints by default."""
+    r, p = report, report["fm2s"]
+    how = ("one frame (texture can pass for noise: several frames of the field are better)" if r["frames"] == 1
+           else f"{r['frames']} frames, from their differences (the scene cancels)")
+    lines = [
+        f"  estimated from     {how}",
+        f"  gain               {r['a']:.4g} ADU/e-",
+        f"  offset             {r['offset']:.4g} ADU"
+        + ("  (a guess: the darkest regions; pass --offset for the camera's)" if r["offset_estimated"] else ""),
+        f"  read noise         {r['read_noise_e']:.3g} e- = {r['read_noise_adu']:.3g} ADU",
+        f"  noise correlation  {r['rho']:.3f} (neighbouring pixels, lag 1)",
+        f"  law                var = {r['a']:.4g} * (level - {r['offset']:.4g}) + {r['b']:.4g} ADU^2"
+        + ("  (fitted through the clipping at 0)" if r["clipped"] else ""),
+        f"  FM2S parameters    {p['name']}: k_g {p['k_g']:.4g}, k_p {p['k_p']:.4g}, lambda_p {p['lambda_p']:.4g} "
+        f"(n_chan {p['n_chan']}, median window {p['w_size']}, tile {p['stride']})",
+    ]
+    return "\n".join(lines)

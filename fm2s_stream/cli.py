@@ -424,19 +424,48 @@ def cmd_mm_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Print one JSON line per file: the noise estimate and the derived FM2S parameters."""
-    from .adapters.files import ImageFileError, iter_planes, read_image
-    from .calibrate import calibrate
+    """One noise estimate for the frames of one field (all files, all planes), per channel: a table,
+    or JSON with --json; --plot draws the photon-transfer curve."""
+    from .adapters.files import ImageFileError, channel_name, read_stack
+    from .calibrate import calibrate, calibration_table
+    from .offline import channel_axis
 
+    groups: dict[str, list[np.ndarray]] = {}
+    try:
+        for name in args.files:
+            data, axes, info = read_stack(Path(name))
+            c_axis = channel_axis(axes, data.ndim)
+            for index in np.ndindex(*data.shape[:-2]):
+                c = index[c_axis] if c_axis is not None else None
+                key = channel_name(info.channel_names, c, "default") if c is not None else "default"
+                groups.setdefault(key, []).append(np.asarray(data[index]))
+    except (ImageFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     failures = 0
-    for name in args.files:
+    for key, planes in groups.items():
+        planes = planes[: args.max_frames]
+        label = f"{', '.join(Path(f).name for f in args.files)}" + (f" [{key}]" if len(groups) > 1 else "")
         try:
-            data, _ = read_image(name)
-            plane = next(iter_planes(data))[1] if data.ndim > 2 else data
-            print(json.dumps({"file": name, **calibrate(plane, args.base, args.offset)}))
-        except (ImageFileError, ValueError) as exc:
+            report = calibrate(planes, args.base, args.offset)
+        except ValueError as exc:
             failures += 1
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {label}: {exc}", file=sys.stderr)
+            continue
+        if args.plot:
+            from .figures import ptc_figure
+
+            plot = Path(args.plot)
+            if len(groups) > 1:
+                plot = plot.with_name(f"{plot.stem}-{key}{plot.suffix}")
+            ptc_figure(report, plot, f"photon transfer: {label}")
+        if args.json:
+            print(json.dumps({"files": args.files, "channel": key, **report}))
+        else:
+            print(f"{label}:")
+            print(calibration_table(report))
+            if args.plot:
+                print(f"  curve              {plot}")
     return 1 if failures else 0
 
 
@@ -528,11 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_mm_demo)
 
-    p = sub.add_parser("calibrate", help="estimate camera noise per file; print JSON",
+    p = sub.add_parser("calibrate", help="estimate the camera noise of one field (files, T axis: one estimate)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="frames of one field: several files or a stack's planes (per channel)")
     p.add_argument("--base", default="confocal", help="preset whose noise balance the derived parameters keep")
-    p.add_argument("--offset", type=float, default=None, help="camera offset (ADU), for read noise in e-")
+    p.add_argument("--offset", type=float, default=None,
+                   help="camera offset (ADU); without it the darkest regions stand in for it")
+    p.add_argument("--json", action="store_true", help="print JSON (keys a, b, offset, read_noise_e, rho, fm2s, ...)")
+    p.add_argument("--plot", default=None, metavar="PTC.png", help="draw the photon-transfer curve and the fit")
+    p.add_argument("--max-frames", type=int, default=64, help="frames per channel used at most")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("send", help="replay an image stack into a stream",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["before_after_figure", "latency_figure"]
+__all__ = ["before_after_figure", "latency_figure", "ptc_figure"]
 
 STATUS_MARKERS = {"denoised": "o", "bootstrap": "^", "raw": "x"}  # shape per status (colour is per channel)
 STATUS_LABELS = {"denoised": "network", "bootstrap": "cold start (classical)", "raw": "raw (error)"}
@@ -66,4 +66,32 @@ def latency_figure(points: Sequence[tuple[float, float, str, str]], path: Path, 
     ax.legend(loc="upper right", fontsize=8, markerscale=1.8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, facecolor="white")
+    plt.close(fig)
+
+
+def ptc_figure(report: dict[str, object], path: Path, title: str) -> None:
+    """The photon-transfer curve behind a calibration: each bin's noise variance against its level
+    (filled: used in the fit; hollow: left out as structure), and the fitted law."""
+    from .calibrate import NoiseEstimate
+
+    plt = _pyplot()
+    rows = np.array(report["ptc"], dtype=np.float64).reshape(-1, 4)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    used = rows[:, 3] > 0
+    ax.scatter(rows[used, 0], rows[used, 1], s=14 + 30 * rows[used, 2] / max(rows[:, 2].max(), 1), color="tab:blue",
+               label="bins used in the fit (size: tiles)")
+    if (~used).any():
+        ax.scatter(rows[~used, 0], rows[~used, 1], s=24, facecolors="none", edgecolors="tab:red",
+                   label="bins left out (structure)")
+    a, b, off = float(report["a"]), float(report["b"]), float(report["offset"])  # type: ignore[arg-type]
+    est = NoiseEstimate(a, b - a * off, float(report["rho"]), off, 0.0, 0, bool(report["clipped"]))  # type: ignore[arg-type]
+    levels = np.linspace(max(0.0, rows[:, 0].min() * 0.9), rows[:, 0].max() * 1.05, 200)
+    ax.plot(levels, [est.observed_variance(v) for v in levels], color="black", linewidth=1.2,
+            label=f"var = {a:.3g} (level - {off:.3g}) + {b:.3g}" + (" (clipped at 0)" if report["clipped"] else ""))
+    ax.set_xlabel("level (ADU)")
+    ax.set_ylabel("noise variance (ADU$^2$)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
     plt.close(fig)

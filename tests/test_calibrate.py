@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from fm2s_stream import cli
 from fm2s_stream.calibrate import (
@@ -10,6 +11,7 @@ from fm2s_stream.calibrate import (
     _clipped_moments,
     _robust_line,
     estimate_noise,
+    estimate_noise_frames,
     fm2s_parameters,
     preset_variance,
 )
@@ -104,12 +106,41 @@ def test_derived_parameters_scale_with_the_noise():
     assert scaling_for(noisy).span > 0 and get_preset("confocal").n_chan == p_noisy.n_chan
 
 
-def test_calibrate_cli_prints_json(tmp_path, capsys):
+def test_calibrate_cli_prints_a_table_or_json_with_the_contract_keys(tmp_path, capsys):
     path = tmp_path / "f.tif"
     tifffile.imwrite(path, Camera(gain=2.0, read_noise=2.0).expose(SCENE, np.random.default_rng(4)))
     assert cli.main(["calibrate", str(path), "--offset", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "gain" in table and "ADU/e-" in table and "read noise" in table and "FM2S parameters" in table
+    assert cli.main(["calibrate", str(path), "--offset", "100", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip())
-    assert out["gain_adu_per_e"] == pytest.approx(2.0, rel=0.15) and "fm2s" in out and "read_noise_e" in out
+    assert {"a", "gain_adu_per_e", "b", "offset", "read_noise_e", "rho", "fm2s"} <= set(out)
+    assert out["gain_adu_per_e"] == out["a"] == pytest.approx(2.0, rel=0.15) and out["offset"] == 100
+    # the law is var = a * (level - offset) + b: b is the read-noise variance, here (2 ADU/e- x 2 e-)^2
+    assert out["b"] == pytest.approx(16.0, rel=0.5) and out["read_noise_e"] == pytest.approx(2.0, rel=0.3)
+
+
+@pytest.mark.parametrize(("gain", "read", "corr", "bits"), [(5.0, 3.0, 0.0, 16), (20.0, 10.0, 0.7, 16),
+                                                            (0.5, 10.0, 0.7, 8)])
+def test_eight_frames_of_one_field_pin_the_gain_within_3_percent(gain, read, corr, bits):
+    scene = make_scene((256, 256), np.random.default_rng(0), peak=300, background=10)
+    cam = Camera(gain=gain, read_noise=read, offset=100.0 if bits == 16 else 10.0, correlation=corr, bit_depth=bits)
+    rng = np.random.default_rng(1)
+    est = estimate_noise_frames([cam.expose(scene, rng) for _ in range(8)])
+    assert est.a == pytest.approx(gain, rel=0.04), est
+    assert est.frames == 8 and abs(est.rho - (0.58 if corr else 0.0)) < 0.08
+
+
+def test_a_t_axis_gives_one_estimate_and_plot_draws_the_curve(tmp_path, capsys):
+    scene = make_scene((128, 128), np.random.default_rng(0), peak=300, background=10)
+    cam, rng = Camera(gain=5.0, read_noise=3.0, offset=100.0), np.random.default_rng(2)
+    path, plot = tmp_path / "t.tif", tmp_path / "ptc.png"
+    tifffile.imwrite(path, np.stack([cam.expose(scene, rng) for _ in range(6)]))
+    assert cli.main(["calibrate", str(path), "--json", "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["frames"] == 6
+    with Image.open(plot) as img:
+        assert img.size[0] > 300 and img.size[1] > 200
 
 
 def test_auto_preset_follows_the_noise_structure_and_strength():
