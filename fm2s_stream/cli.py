@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="auto", choices=["auto", *preset_names()],
                    help="auto (default): noise calibrated on the data itself; or a paper preset")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (denoise --method paper: the authors' 3407)")
     p.add_argument("--threads", type=int, default=default_threads(), help="torch CPU threads")
 
 
@@ -37,8 +37,11 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
     from .adapters.files import ImageFileError, check_output, read_stack, write_image
     from .offline import denoise, denoise_kept
+    from .training import PAPER_SEED
 
     torch.set_num_threads(args.threads)
+    if getattr(args, "seed", 0) is None:
+        args.seed = PAPER_SEED if args.method == "paper" else 0
     inputs = [Path(p) for p in args.inputs]
     out = Path(args.output)
     many = len(inputs) > 1
@@ -489,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish a stack output left by Ctrl-C or a crash")
     p.add_argument("--finetune-steps", type=int, default=STACK_FINETUNE_STEPS,
                    help="stacks: training steps per plane after each channel's one cold start")
-    p.add_argument("--init", default=OFFLINE_INIT, choices=["generic", "random"],
-                   help="where the network starts: the generic network shipped in the package, or random weights")
+    p.add_argument("--init", default=None, choices=["generic", "random"],
+                   help=f"where the network starts: the generic network shipped in the package, or random weights "
+                        f"(default: {OFFLINE_INIT}; with --method paper, random as the authors')")
     p.add_argument("--state", default=None, metavar="DIR",
                    help="keep each channel's learnt network in DIR (the files serve keeps): a channel found "
                         "there is not learnt again")
@@ -506,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                    help="stacks: run on an existing Dask cluster (output: OME-Zarr)")
     _add_model_args(p)
+    p.set_defaults(seed=None)  # 0, or the authors' seed with --method paper (cmd_denoise)
     p.set_defaults(func=cmd_denoise)
 
     from .service import SAVE_FORMATS, ServiceOptions

@@ -18,14 +18,19 @@ __all__ = ["M_MAX", "M_MIN", "NoiseInjector", "inject_noise", "tile_means"]
 M_MIN, M_MAX = 1e-5, 0.15
 
 
-def tile_means(x: torch.Tensor, stride: int) -> torch.Tensor:
+def tile_means(x: torch.Tensor, stride: int, pad: str = "replicate") -> torch.Tensor:
     """Per-pixel map of the clamped mean of the stride x stride tile each pixel falls in.
 
-    `x` is (N, C, H, W); the image is padded (edge replication) to a multiple of `stride`.
+    `x` is (N, C, H, W); the image is padded right and bottom to a multiple of `stride`, by edge
+    replication ("replicate") or with zeros ("zeros": the authors' code, whose border tiles then
+    count the zeros in their mean).
     """
     h, w = x.shape[-2:]
     ph, pw = -h % stride, -w % stride
-    padded = F.pad(x, (0, pw, 0, ph), mode="replicate") if (ph or pw) else x
+    if pad not in ("replicate", "zeros"):
+        raise ValueError(f"pad must be 'replicate' or 'zeros', got {pad!r}")
+    mode = {"replicate": "replicate", "zeros": "constant"}[pad]
+    padded = F.pad(x, (0, pw, 0, ph), mode=mode) if (ph or pw) else x
     m = F.avg_pool2d(padded, stride).clamp_(M_MIN, M_MAX)
     m = m.repeat_interleave(stride, dim=-2).repeat_interleave(stride, dim=-1)
     return m[..., :h, :w]
@@ -38,12 +43,14 @@ def inject_noise(
     k_p: float,
     lambda_p: float,
     generator: torch.Generator | None = None,
+    pad: str = "replicate",
 ) -> torch.Tensor:
-    """Return a noisy copy of `clean` ((N, C, H, W), values in [0, 1]) following FM2S's model."""
+    """Return a noisy copy of `clean` ((N, C, H, W), values in [0, 1]) following FM2S's model
+    (`pad`: how the tile map is padded, see `tile_means`)."""
     if clean.dim() != 4:
         raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(clean.shape)}")
     x = clean.clamp(0.0, 1.0)
-    m = tile_means(x, stride)
+    m = tile_means(x, stride, pad)
     gain = k_p / m
     x = torch.poisson(x * gain, generator=generator) / gain
     if k_g > 0:
@@ -58,10 +65,11 @@ class NoiseInjector:
 
     def __init__(self, preset: Preset, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.preset = preset
+        self.pad = "replicate"  # the tile map's padding (the paper schedule: "zeros", as the authors' code)
         self.generator = torch.Generator(device=torch.device(device))
         self.generator.manual_seed(seed)
 
     def __call__(self, clean: torch.Tensor) -> torch.Tensor:
         """A fresh noisy view of `clean`."""
         p = self.preset
-        return inject_noise(clean, p.stride, p.k_g, p.k_p, p.lambda_p, self.generator)
+        return inject_noise(clean, p.stride, p.k_g, p.k_p, p.lambda_p, self.generator, self.pad)

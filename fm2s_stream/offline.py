@@ -14,13 +14,13 @@ from .anchor import anchor
 from .devices import resolve_device
 from .model import FM2SNet
 from .presets import Preset, get_preset
-from .scaling import check_frame, from_unit, scaling_for, to_unit
+from .scaling import check_frame, from_unit, quantize, scaling_for, to_unit
 from .state import StateError, StateStore
 from .training import SCHEDULES, Schedule, Trainer, TrainReport, as_batch, infer, make_target
 
 __all__ = ["OFFLINE_INIT", "StackDenoiser", "average_stack", "channel_axis", "denoise", "denoise_kept", "denoise_plane",
-           "denoise_stack", "denoise_unit", "iter_denoised", "learn_channels", "new_network", "representative_plane",
-           "start_network"]
+           "denoise_stack", "denoise_unit", "init_for", "iter_denoised", "learn_channels", "new_network",
+           "representative_plane", "start_network"]
 
 # Stacks (benchmarks/stack.py, dev FMD fields as 4-plane stacks, seed 0; mean PSNR, s per plane after the
 # one cold start): single-image default on every plane 32.94 dB, 13.0 s; learnt once + inference with
@@ -54,6 +54,14 @@ def start_network(n_chan: int, seed: int, device: torch.device, init: str = OFFL
     return net
 
 
+def init_for(init: str | None, schedule: Schedule) -> str:
+    """Where a network starts: as asked, else random weights for the authors' schedule (theirs) and
+    OFFLINE_INIT for the others."""
+    if init is not None:
+        return init
+    return "random" if schedule.faithful_output else OFFLINE_INIT
+
+
 def denoise_unit(
     unit: np.ndarray,
     preset: Preset,
@@ -61,12 +69,12 @@ def denoise_unit(
     device: torch.device,
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
-    init: str = OFFLINE_INIT,
+    init: str | None = None,
 ) -> tuple[np.ndarray, TrainReport]:
     """Train a network (started as `init` says) on a [0, 1] float frame and return its denoised version."""
     target = make_target(unit, preset, schedule.target).numpy()
     raw_t, tgt_t = as_batch(unit, device), as_batch(target, device)
-    net = start_network(preset.n_chan, seed, device, init)
+    net = start_network(preset.n_chan, seed, device, init_for(init, schedule))
     trainer = Trainer(net, preset, device, seed=seed)
     trainer.on_step = on_step
     report = trainer.fit(raw_t, tgt_t, schedule)
@@ -101,18 +109,19 @@ def denoise(
     seed: int = 0,
     anchor_sigma: float = ANCHOR_SIGMA,
     on_step: Callable[[int], None] | None = None,
-    init: str = OFFLINE_INIT,
+    init: str | None = None,
     state_dir: str | Path | None = None,
     channel: str = "default",
 ) -> np.ndarray:
     """Denoise one uint8/uint16 2D frame with FM2S; returns the same dtype and shape.
 
     preset: a paper preset name, "auto" (noise calibrated on the frame) or a `Preset`;
-    method: "fast" (default), "paper" or a `Schedule`; anchor_sigma: the output keeps the raw
+    method: "fast" (default), "paper" (the authors' code step for step, its output too: no anchoring,
+    truncated to integers; their seed is `training.PAPER_SEED`) or a `Schedule`; anchor_sigma: the output keeps the raw
     frame's spatial frequencies below this scale in pixels, so region means stay the raw frame's
     (0 = off, the paper's behaviour; the median target otherwise darkens dim frames by up to ~13 %);
     on_step: called with the step count after every training step (progress; an exception it raises stops);
-    init: "generic" (the shipped starting network) or "random" (the paper's);
+    init: "generic" (the shipped starting network) or "random" (the paper's; None: the method's, see `init_for`);
     state_dir: keep the learnt network as channel `channel` there, or use the one kept (`StackDenoiser`).
     """
     check_frame(frame)
@@ -121,7 +130,11 @@ def denoise(
     scaling = scaling_for(frame)
     p = _preset(preset, frame)
     unit = to_unit(frame, scaling)
-    out, _ = denoise_unit(unit, p, _schedule(method), resolve_device(device), seed, on_step, init)
+    schedule = _schedule(method)
+    out, _ = denoise_unit(unit, p, schedule, resolve_device(device), seed, on_step, init)
+    if schedule.faithful_output:  # the authors' output: clamp [0, 1], scale, truncate (their .int()), no anchor
+        values = np.floor(np.clip(out.astype(np.float64), 0.0, 1.0) * scaling.span + scaling.black)
+        return quantize(values, frame.dtype)
     return from_unit(anchor(out, unit, anchor_sigma).numpy(), scaling, frame.dtype)
 
 
@@ -135,7 +148,7 @@ def denoise_kept(
     seed: int = 0,
     anchor_sigma: float = ANCHOR_SIGMA,
     on_step: Callable[[int], None] | None = None,
-    init: str = OFFLINE_INIT,
+    init: str | None = None,
 ) -> tuple[np.ndarray, dict[str, str]]:
     """`denoise` of one frame with channel `channel` kept in `state_dir`; also what happened to it
     (`StackDenoiser.notes`: resumed, saved, or why the saved state was not used)."""
@@ -170,10 +183,10 @@ class StackDenoiser:
     def __init__(self, preset: str | Preset = "auto", method: str | Schedule = "fast",
                  device: str | torch.device | None = "auto", seed: int = 0, anchor_sigma: float = ANCHOR_SIGMA,
                  finetune_steps: int = STACK_FINETUNE_STEPS, on_step: Callable[[int], None] | None = None,
-                 tta: int = STACK_TTA, init: str = OFFLINE_INIT, state_dir: str | Path | None = None,
+                 tta: int = STACK_TTA, init: str | None = None, state_dir: str | Path | None = None,
                  names: Sequence[str] = ()) -> None:
         self.preset, self.schedule, self.device = preset, _schedule(method), resolve_device(device)
-        self.tta, self.init = tta, init
+        self.tta, self.init = tta, init_for(init, self.schedule)
         self.seed, self.anchor_sigma, self.finetune_steps, self.on_step = seed, anchor_sigma, finetune_steps, on_step
         self.trainers: dict[int, Trainer] = {}
         self.names = list(names)
@@ -358,7 +371,7 @@ def denoise_stack(
     finetune_steps: int = STACK_FINETUNE_STEPS,
     tta: int = STACK_TTA,
     average: int = 1,
-    init: str = OFFLINE_INIT,
+    init: str | None = None,
     state_dir: str | Path | None = None,
     names: Sequence[str] = (),
 ) -> np.ndarray:

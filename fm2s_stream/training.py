@@ -48,7 +48,10 @@ class Schedule:
     shared_noise: one noise draw replicated to all n_chan input channels (half the sampling cost at
     n_chan 2) instead of an independent draw per channel;
     bf16: train with bfloat16 autocast where the hardware runs it natively (~2x faster steps on CPUs
-    with AMX; weights and the loss stay float32).
+    with AMX; weights and the loss stay float32);
+    tile_pad: padding of the noise's tile map ("zeros" in the authors' code, see noise.tile_means);
+    faithful_output: the authors' output: no photometric anchoring, clamp to [0, 1], truncation to
+    integers (their `.int()`) instead of rounding.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Schedule:
     tta: int = 1
     bf16: bool = False
     shared_noise: bool = False
+    tile_pad: str = "replicate"
+    faithful_output: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -79,8 +84,12 @@ class Schedule:
         return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * min(i, n) / n))
 
 
+PAPER_SEED = 3407  # the authors' torch.manual_seed (`denoise --method paper` uses it unless --seed is given)
+
 SCHEDULES: dict[str, Schedule] = {
-    "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median"),
+    # the authors' FM2S.py step for step (../shared/FINDINGS.md): full frame, 5 + 450 x 5 Adam steps at
+    # 1e-3, independent noise per replicated channel, zero-padded tile map, truncated output
+    "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median", tile_pad="zeros", faithful_output=True),
     "fast": Schedule("fast", 5, 900, 1, 128, 4, 2e-3, 1e-3, "mix", tta=8, bf16=True, shared_noise=True),
 }
 
@@ -263,6 +272,7 @@ class Trainer:
         """Both stages of `schedule` on one frame ((1, 1, H, W) raw and target in [0, 1])."""
         self.bf16 = schedule.bf16 and fast_inference_dtype(self.device) == torch.bfloat16
         self.shared_noise = schedule.shared_noise
+        self.injector.pad = schedule.tile_pad
         self.set_lr(schedule.lr)
         self.structure_steps(raw, target, schedule.stage1_steps)
         decay = None if schedule.lr == schedule.lr_final else (schedule.lr, schedule.lr_final)

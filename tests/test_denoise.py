@@ -109,3 +109,13 @@ def test_denoise_on_cuda():
     noisy, gt = scene(16)
     out = denoise(noisy, "confocal", QUICK, device="cuda")
     assert out.dtype == np.uint16 and psnr(out, gt) > psnr(noisy, gt) + 5
+
+
+def test_paper_output_is_truncated_as_the_authors_code_does_it():
+    raw, _ = TimeLapse((64, 64), Camera(gain=4.0, read_noise=1.5, offset=2, bit_depth=8), seed=3, peak=40).frame(0)
+    tiny = dataclasses.replace(SCHEDULES["paper"], rounds=3)
+    truncated = denoise(raw, "confocal", tiny, device="cpu", seed=1).astype(int)
+    rounded = denoise(raw, "confocal", dataclasses.replace(tiny, faithful_output=False), device="cpu", seed=1,
+                      anchor_sigma=0, init="random").astype(int)  # the paper's start, as for `truncated`
+    diff = rounded - truncated  # the same network output: floor against rint
+    assert set(np.unique(diff)) <= {0, 1} and 0.3 < diff.mean() < 0.7, np.unique(diff, return_counts=True)

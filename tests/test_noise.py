@@ -75,3 +75,13 @@ def test_injection_on_cuda_is_seeded():
     a = NoiseInjector(p, seed=1, device="cuda")(x)
     b = NoiseInjector(p, seed=1, device="cuda")(x)
     assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+def test_zero_padding_lowers_the_border_tiles_as_the_authors_code_does():
+    x = torch.full((1, 1, 10, 10), 0.1)  # stride 4: the last tile row/column is half padding
+    replicate, zeros = tile_means(x, 4), tile_means(x, 4, pad="zeros")
+    assert torch.allclose(replicate, torch.full_like(x, 0.1))
+    assert zeros[0, 0, 0, 0] == pytest.approx(0.1) and zeros[0, 0, 9, 0] == pytest.approx(0.05)
+    assert zeros[0, 0, 9, 9] == pytest.approx(0.025)  # corner tile: 4 of 16 pixels are the image
+    with pytest.raises(ValueError, match="pad"):
+        tile_means(x, 4, pad="mirror")
