@@ -116,7 +116,8 @@ def test_view_command_prints_its_summary_and_saves_a_screenshot(tmp_path, serve_
     source, preview = serve_with_preview
     shot = tmp_path / "shot.png"
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"} | {"QT_QPA_PLATFORM": "offscreen"}
-    sender = Sender(source, ("cam",), fps=10, seconds=9).start()
+    # frames for longer than the viewer's start (napari's import, ~3-5 s here) plus its 6 s window
+    sender = Sender(source, ("cam",), fps=10, seconds=16).start()
     try:
         proc = subprocess.run([sys.executable, "-m", "fm2s_stream.cli", "view", "--from", preview,
                                "--screenshot", str(shot), "--seconds", "6"],
