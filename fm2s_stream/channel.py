@@ -40,6 +40,7 @@ STRUCTURE_FRACTION = 0.5
 CALIBRATION_SIDE = 1024  # noise is calibrated on a central crop of at most this side (cost bounded)
 PAIR_SIDE = 512  # temporal pairs are registered and guarded on a central window of at most this side
 SCALING_MEMORY = 0.95  # uint16 black/white levels: EMA weight of the old value, per frame
+WARM_SIDE = 768  # warm-up field: its inference tiles take every tile shape of frames >= 512x512
 RECALIBRATION_STEP = 1 / 3  # a re-estimate moves the noise parameters this far (log domain)
 
 __all__ = ["Channel", "ChannelConfig", "Prepared", "aligned_pair", "channel_config", "warm_up"]
@@ -95,10 +96,12 @@ def warm_up() -> None:
     halve(frame)
     for dtype in (np.uint8, np.uint16):
         estimate_noise_or_none(np.full((16, 16), 100, dtype))
-    # a channel's first learning steps: the target's median and blur, both stages' steps with their
-    # noise injection, backward passes and optimiser (~250 ms on a first step otherwise)
+    # a channel's first learning steps and answers at the stream's own shapes (torch prepares its
+    # kernels per shape: the 256x256 stage-1 crop, 128x128 cold and 96x96 fine-tune crops, the
+    # 261/266-pixel inference tiles of frames >= 512x512): measured, a first 512x512 cold step cost 138
+    # ms and a first answer 53 ms after a 64x64 warm-up, 52 and 14 ms after this one
     learner = Learner(get_preset("confocal"), cold_start_schedule(8), torch.device("cpu"))
-    unit = torch.from_numpy(field[:64, :64] / 200.0)
+    unit = torch.from_numpy((rng.integers(0, 4000, (WARM_SIDE, WARM_SIDE)) / 4000).astype(np.float32))
     while not learner.ready:
         learner.cold_step(unit)
     learner.finetune_step(unit)
