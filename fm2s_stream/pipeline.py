@@ -102,6 +102,7 @@ class Pipeline:
         self.max_frame_bytes = 0
         self._last_preview: dict[str, float] = {}  # per channel: when its last frame went to the preview
         self._cold: dict[str, tuple[Channel, Prepared]] = {}  # worker: unfinished cold starts, latest active last
+        self._owed: dict[str, float] = {}  # worker: cold-start seconds owed to each channel (see _learn)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Pipeline:
@@ -334,15 +335,17 @@ class Pipeline:
 
     def _learn(self, channel: Channel, prep: Prepared, plan: Plan, until_ready: bool = False) -> None:
         """Train by `plan`: until its deadline, its step count or a waiting frame, but at least its
-        guaranteed seconds; with `until_ready`, stop as soon as the cold start is over."""
+        guaranteed seconds; with `until_ready`, stop as soon as the cold start is over.
+
+        The guaranteed seconds are owed to the channel and paid in whole steps: a step taken while a
+        frame waits is charged against what is owed (a step longer than one frame's share runs on
+        every few frames only, so the share stays COLD_SHARE), one taken while none waits is free."""
         steps, t0 = 0, time.perf_counter()
-        guaranteed = t0 + plan.at_least_s
+        owed = self._owed.get(channel.name, 0.0) + plan.at_least_s
         while steps < plan.max_steps and not (until_ready and channel.ready):
             now = time.perf_counter()
-            # a guaranteed share takes at least one step; past it, stop for a waiting frame or the deadline
-            if (steps > 0 or not plan.at_least_s) and now >= guaranteed and (
-                not self._queue.empty() or (plan.deadline is not None and now > plan.deadline)
-            ):
+            waiting = not self._queue.empty()
+            if (waiting or (plan.deadline is not None and now > plan.deadline)) and not (plan.at_least_s and owed > 0):
                 break
             was_ready = channel.ready
             try:
@@ -354,8 +357,12 @@ class Pipeline:
                     self.counts["train_failures"] += 1
                 break
             steps += 1
+            if plan.at_least_s and waiting:
+                owed -= time.perf_counter() - now
             if was_ready:
                 self.policy.stepped(time.perf_counter() - now)
+        if plan.at_least_s:
+            self._owed[channel.name] = owed
         with self._lock:
             self.counts["train_steps"] += steps
             self.compute["train_s"] += time.perf_counter() - t0
