@@ -440,7 +440,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             c_axis = channel_axis(axes, data.ndim)
             for index in np.ndindex(*data.shape[:-2]):
                 c = index[c_axis] if c_axis is not None else None
-                key = channel_name(info.channel_names, c, "default") if c is not None else "default"
+                key = channel_name(info.channel_names, c, "default")
                 groups.setdefault(key, []).append(np.asarray(data[index]))
     except (ImageFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
