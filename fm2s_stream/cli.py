@@ -36,10 +36,12 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters.files import ImageFileError, check_output, read_stack, write_image
+    from .devices import keep_host_memory
     from .offline import denoise, denoise_kept
     from .training import PAPER_SEED
 
     torch.set_num_threads(args.threads)
+    keep_host_memory()
     if getattr(args, "seed", 0) is None:
         args.seed = PAPER_SEED if args.method == "paper" else 0
     inputs = [Path(p) for p in args.inputs]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .channel import Channel, ChannelConfig, Prepared, warm_up
+from .devices import keep_host_memory
 from .frame import Frame, FrameError, Result
 from .policy import LatencyPolicy, Plan
 from .sinks import FrameSink, SinkRelay
@@ -113,6 +114,7 @@ class Pipeline:
         """
         for relay in self.relays + self.preview_relays:
             relay.start()
+        keep_host_memory()
         try:
             warm_up()
         except Exception:  # only an optimisation: the first frame pays instead

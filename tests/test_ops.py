@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage
 
 from fm2s_stream import ops
+from fm2s_stream.anchor import anchor
 from fm2s_stream.learner import Learner, cold_start_schedule
 from fm2s_stream.presets import get_preset
 from fm2s_stream.synthetic import Camera, TimeLapse
@@ -47,6 +48,16 @@ def test_histogram_median_is_scipys_exactly(shape, levels):
     img = (RNG.integers(0, levels, shape) / levels).astype(np.float32)
     got = ops.median(torch.from_numpy(img), 11).numpy()
     np.testing.assert_array_equal(got, ndimage.median_filter(img, 11, mode="reflect"))
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((37, 53), 8.0), ((64, 80), 16.0), ((1030, 1019), 8.0)])
+def test_anchor_fused_cpu_kernels_match_the_torch_path(shape, sigma):
+    # (1030, 1019): blocks of 4 (large frame), partial blocks on both edges; the others below that size
+    raw = torch.from_numpy(RNG.normal(100, 10, shape).astype(np.float32))
+    den = torch.from_numpy(RNG.normal(90, 3, shape).astype(np.float32))
+    fused, plain = anchor(den, raw, sigma), anchor(den, raw, sigma, torch_only=True)
+    assert fused.shape == den.shape
+    np.testing.assert_allclose(fused.numpy(), plain.numpy(), atol=1e-4)
 
 
 def test_temporal_average_fused_cpu_kernels_match_the_torch_path():
