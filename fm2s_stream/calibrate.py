@@ -26,8 +26,9 @@ variance spans only 25..44 ADU^2 in 8 bit); streaming re-estimates and smooths o
 
 `fm2s_parameters` maps the estimate onto a base preset: it keeps the preset's balance between its
 three noise terms and scales their strength so that the injected noise, relative to the real noise
-at the frame's median level, is what the paper's presets inject on FMD data with that kind of noise
-(REFERENCE_RATIO).
+at the frame's median level, is what the paper's presets inject on FMD data with white noise
+(REFERENCE_RATIO); correlated noise is injected correlated like the frame's (Preset.rho), at the
+ratio measured best for it (CORRELATED_INJECTION_RATIO).
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ import numba
 import numpy as np
 from scipy import ndimage, optimize, special
 
-from .presets import Preset, get_preset
+from .presets import MAX_RHO, Preset, get_preset
 from .scaling import check_frame, scaling_for
 
-__all__ = ["REFERENCE_RATIO", "NoiseEstimate", "auto_base", "auto_preset", "calibrate", "estimate_noise",
-           "estimate_noise_or_none", "fm2s_parameters", "tile_stats"]
+__all__ = ["CORRELATED_INJECTION_RATIO", "REFERENCE_RATIO", "NoiseEstimate", "auto_base", "auto_preset", "calibrate",
+           "estimate_noise", "estimate_noise_or_none", "fm2s_parameters", "tile_stats"]
 
 TILE = 8
 QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
@@ -54,8 +55,15 @@ CLIP_SIGMAS = 3.0  # a bin whose mean is closer to 0 than this many noise std is
 # level, each image with its own preset (geometric mean per noise class, benchmarks/calibration.py):
 # white noise (confocal 1.0 and two-photon 2.55 images: the confocal base) and spatially correlated
 # noise (widefield 4.0: the widefield base). Measured: confocal images denoise best with weak
-# injection (ratio 1.4: 32.27 dB, 2.16: 32.17, 3.0: 32.01), widefield ones with strong (1.4: 32.32, 4: 32.5).
+# injection (ratio 1.4: 32.27 dB, 2.16: 32.17, 3.0: 32.01), widefield ones, injected white, with strong
+# (1.4: 32.32, 4: 32.5). Two-photon dev images (seed 0): 1.0: 33.89, 1.6: 34.17, 2.5: 33.97.
 REFERENCE_RATIO = {"white": 1.60, "correlated": 3.94}
+# Correlated noise (rho > CORRELATED) is injected correlated as the frame's (Preset.rho, lag-1 rho along
+# each axis), at this injected-to-real variance ratio. Widefield dev images (4, seed 0, default `denoise`):
+# white injection at 3.94: 32.54 dB; correlated at 0.25: 32.18, 0.4: 32.58, 0.6: 32.65, 1.0: 32.53, 1.6: 32.31,
+# 3.94: 31.88 (seeds 0-2 at 0.6: 32.66). Weaker than the white ratio: correlated noise of the same variance
+# already carries the low frequencies that the white injection needed ~4x the variance to reach.
+CORRELATED_INJECTION_RATIO = 0.6
 
 
 @numba.njit(parallel=True, cache=True)
@@ -432,9 +440,11 @@ def fm2s_parameters(est: NoiseEstimate, frame: np.ndarray, base: str | Preset = 
     level = est.median_level
     x = max((level - scaling.black) / scaling.span, 1e-4)
     real = est.observed_variance(level) / scaling.span**2  # in the [0, 1] domain, as the frame shows it
-    ratio = REFERENCE_RATIO["correlated" if p.name.startswith("widefield") else "white"]
+    correlated = est.rho > CORRELATED
+    ratio = CORRELATED_INJECTION_RATIO if correlated else REFERENCE_RATIO["white"]
     s = ratio * real / max(preset_variance(p, x), 1e-12)  # variance scale factor
-    return p.with_noise(k_g=p.k_g * math.sqrt(s), k_p=p.k_p / s, lambda_p=p.lambda_p / s, name=f"auto({p.name})")
+    return p.with_noise(k_g=p.k_g * math.sqrt(s), k_p=p.k_p / s, lambda_p=p.lambda_p / s, name=f"auto({p.name})",
+                        rho=min(est.rho, MAX_RHO) if correlated else 0.0)
 
 
 CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 channel, 11x11 median) is used

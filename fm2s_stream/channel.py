@@ -287,7 +287,8 @@ class Channel:
             return math.exp((1 - RECALIBRATION_STEP) * math.log(a) + RECALIBRATION_STEP * math.log(b))
 
         self.learner.set_preset(old.with_noise(mix(old.k_g, new.k_g), mix(old.k_p, new.k_p),
-                                               mix(old.lambda_p, new.lambda_p)))
+                                               mix(old.lambda_p, new.lambda_p),
+                                               rho=old.rho + RECALIBRATION_STEP * (new.rho - old.rho)))
         return True
 
     # -- persistent state --------------------------------------------------------------------------
@@ -324,7 +325,8 @@ class Channel:
         preset = meta.get("preset")
         if isinstance(preset, dict):
             self.learner.set_preset(self.learner.preset.with_noise(float(preset["k_g"]), float(preset["k_p"]),
-                                                                   float(preset["lambda_p"])))
+                                                                   float(preset["lambda_p"]),
+                                                                   rho=float(preset.get("rho", 0.0))))
         self.frames_before = int(meta.get("frames_learnt", 0) or 0)  # type: ignore[call-overload]
         scaling = meta.get("scaling")
         if isinstance(scaling, list) and len(scaling) == 2:
@@ -340,7 +342,7 @@ class Channel:
             "motion_rejects": self.motion_rejects, "restores": self.learner.restores,
             "shape_changes": self.shape_changes, "scene_changes": self.post.average.scene_changes,
             "preset": {"name": p.name, "n_chan": p.n_chan, "k_g": round(p.k_g, 3),
-                       "k_p": round(p.k_p, 3), "lambda_p": round(p.lambda_p, 3)},
+                       "k_p": round(p.k_p, 3), "lambda_p": round(p.lambda_p, 3), "rho": round(p.rho, 3)},
         }
 
 

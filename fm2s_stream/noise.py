@@ -3,17 +3,21 @@
 Per tile of `stride` x `stride` pixels, with m = clamp(tile mean, 1e-5, 0.15): Poisson noise with
 gain k_p/m (weaker in bright tiles), then Gaussian noise of std k_g*m/255 (stronger in bright
 tiles), clamp to [0, 1]; then Poisson noise of level lambda_p over the whole image and clamp again.
+A preset with rho > 0 (a camera whose noise correlates neighbours, e.g. widefield) then correlates
+the injected noise the same way, so the network learns to remove the noise it will meet.
 Vectorised over a batch, on whatever device the input lives; randomness only from `generator`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .presets import Preset
+from .presets import MAX_RHO, Preset
 
-__all__ = ["M_MAX", "M_MIN", "NoiseInjector", "inject_noise", "tile_means"]
+__all__ = ["M_MAX", "M_MIN", "NoiseInjector", "correlate", "correlation_taps", "inject_noise", "tile_means"]
 
 M_MIN, M_MAX = 1e-5, 0.15
 
@@ -36,6 +40,23 @@ def tile_means(x: torch.Tensor, stride: int, pad: str = "replicate") -> torch.Te
     return m[..., :h, :w]
 
 
+def correlation_taps(rho: float) -> torch.Tensor:
+    """The 3-tap filter [c, 1, c] / norm that gives white noise lag-1 correlation rho, variance kept."""
+    rho = min(max(rho, 0.0), MAX_RHO)
+    c = 0.0 if rho == 0 else (1.0 - math.sqrt(max(1.0 - 2.0 * rho * rho, 0.0))) / (2.0 * rho)  # 2c / (1 + 2c^2) = rho
+    taps = torch.tensor([c, 1.0, c])
+    return taps / torch.sqrt(torch.sum(taps**2))
+
+
+def correlate(noise: torch.Tensor, rho: float) -> torch.Tensor:
+    """Noise (N, C, H, W) filtered along both axes so that neighbours correlate by rho (variance kept)."""
+    k = correlation_taps(rho).to(noise.device, noise.dtype)
+    n, c, h, w = noise.shape
+    x = F.pad(noise.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="reflect" if min(h, w) > 1 else "replicate")
+    x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, 3)), k.view(1, 1, 3, 1))
+    return x.reshape(n, c, h, w)
+
+
 def inject_noise(
     clean: torch.Tensor,
     stride: int,
@@ -44,9 +65,12 @@ def inject_noise(
     lambda_p: float,
     generator: torch.Generator | None = None,
     pad: str = "replicate",
+    rho: float = 0.0,
 ) -> torch.Tensor:
     """Return a noisy copy of `clean` ((N, C, H, W), values in [0, 1]) following FM2S's model
-    (`pad`: how the tile map is padded, see `tile_means`)."""
+    (`pad`: how the tile map is padded, see `tile_means`). With rho > 0 the noise (noisy - clean)
+    is then correlated between neighbours by rho (`correlate`), as a camera with correlated noise
+    gives it."""
     if clean.dim() != 4:
         raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(clean.shape)}")
     x = clean.clamp(0.0, 1.0)
@@ -57,7 +81,10 @@ def inject_noise(
         x = x + torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * (m * (k_g / 255.0))
     x = x.clamp_(0.0, 1.0)
     x = torch.poisson(x * lambda_p, generator=generator) / lambda_p
-    return x.clamp_(0.0, 1.0)
+    x = x.clamp_(0.0, 1.0)
+    if rho > 0:
+        x = (clean.clamp(0.0, 1.0) + correlate(x - clean.clamp(0.0, 1.0), rho)).clamp_(0.0, 1.0)
+    return x
 
 
 class NoiseInjector:
@@ -72,4 +99,4 @@ class NoiseInjector:
     def __call__(self, clean: torch.Tensor) -> torch.Tensor:
         """A fresh noisy view of `clean`."""
         p = self.preset
-        return inject_noise(clean, p.stride, p.k_g, p.k_p, p.lambda_p, self.generator, self.pad)
+        return inject_noise(clean, p.stride, p.k_g, p.k_p, p.lambda_p, self.generator, self.pad, p.rho)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["NOISE_LEVELS", "PRESETS", "Preset", "get_preset", "preset_names"]
+__all__ = ["MAX_RHO", "NOISE_LEVELS", "PRESETS", "Preset", "get_preset", "preset_names"]
+
+
+MAX_RHO = 0.7  # the largest lag-1 correlation a 3-tap [c, 1, c] filter gives (c = 1 / sqrt(2): 0.707)
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,8 @@ class Preset:
 
     n_chan: channels the grey frame is replicated into; stride: tile size of the adaptive noise map;
     w_size: median window of the paper's pre-denoised target; k_g, k_p: Gaussian and Poisson map
-    strengths; lambda_p: global Poisson level (larger = weaker).
+    strengths; lambda_p: global Poisson level (larger = weaker); rho: lag-1 correlation of the
+    injected noise along each axis (0: white, the paper's; calibrated from frames with correlated noise).
     """
 
     name: str
@@ -27,16 +31,21 @@ class Preset:
     k_g: float
     k_p: float
     lambda_p: float
+    rho: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_chan < 1 or self.stride < 1 or self.w_size < 1:
             raise ValueError(f"preset {self.name!r}: n_chan, stride and w_size must be >= 1")
         if self.k_g < 0 or self.k_p <= 0 or self.lambda_p <= 0:
             raise ValueError(f"preset {self.name!r}: need k_g >= 0, k_p > 0, lambda_p > 0")
+        if not 0.0 <= self.rho <= MAX_RHO:
+            raise ValueError(f"preset {self.name!r}: rho must be in [0, {MAX_RHO}], got {self.rho}")
 
-    def with_noise(self, k_g: float, k_p: float, lambda_p: float, name: str | None = None) -> Preset:
-        """Return a copy with other noise strengths (e.g. from calibration)."""
-        return replace(self, k_g=k_g, k_p=k_p, lambda_p=lambda_p, name=name or self.name)
+    def with_noise(self, k_g: float, k_p: float, lambda_p: float, name: str | None = None,
+                   rho: float | None = None) -> Preset:
+        """Return a copy with other noise strengths (e.g. from calibration); rho None keeps this one's."""
+        return replace(self, k_g=k_g, k_p=k_p, lambda_p=lambda_p, name=name or self.name,
+                       rho=self.rho if rho is None else rho)
 
     def record(self) -> dict[str, object]:
         """The preset as JSON-ready fields (state files)."""
@@ -49,7 +58,8 @@ class Preset:
             raise ValueError("preset record is not an object")
         try:
             return cls(str(record["name"]), int(record["n_chan"]), int(record["stride"]), int(record["w_size"]),
-                       float(record["k_g"]), float(record["k_p"]), float(record["lambda_p"]))
+                       float(record["k_g"]), float(record["k_p"]), float(record["lambda_p"]),
+                       float(record.get("rho", 0.0)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"preset record lacks a field or has a wrong type ({exc})") from exc
 

@@ -151,6 +151,9 @@ def test_auto_preset_follows_the_noise_structure_and_strength():
     correlated = auto_preset(Camera(gain=2.0, read_noise=2.0, correlation=0.8).expose(SCENE, rng))
     assert white.n_chan == 2 and white.name == "auto(confocal)"
     assert correlated.n_chan == 1 and correlated.w_size == 11 and correlated.name == "auto(widefield)"
+    assert white.rho == 0.0  # white noise is injected white, correlated noise correlated like the frame's
+    assert correlated.rho == pytest.approx(estimate_noise(Camera(gain=2.0, read_noise=2.0, correlation=0.8)
+                                                          .expose(SCENE, rng)).rho, abs=0.05)
     noisy = auto_preset(Camera(gain=8.0, read_noise=2.0).expose(SCENE / 4, rng))  # 4x fewer photons
     assert noisy.k_p < white.k_p  # stronger Poisson injection for the noisier frame
     flat = np.full((64, 64), 1000, np.uint16)  # nothing to fit: the base preset, not a crash

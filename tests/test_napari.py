@@ -37,7 +37,8 @@ STALL_LIMIT_MS = 100
 
 
 class Sender:
-    """Streams frames of several channels into a serve's PULL source at a fixed rate, on a thread."""
+    """Streams frames of several channels into a serve's PULL source at a fixed rate, on a thread,
+    for `seconds` or until closed."""
 
     def __init__(self, source: str, channels: tuple[str, ...], fps: float, seconds: float,
                  shape: tuple[int, int] = (96, 96)) -> None:
@@ -47,12 +48,13 @@ class Sender:
         self.frames = noisy_frames(8, shape)
         self.channels, self.fps, self.seconds, self.shape = channels, fps, seconds, shape
         self.sent = 0
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         t0 = time.monotonic()
         i = 0
-        while time.monotonic() - t0 < self.seconds:
+        while time.monotonic() - t0 < self.seconds and not self._stop.is_set():
             for ch in self.channels:
                 self.sock.send_multipart([header(i, self.shape, ch, t=i), self.frames[i % 8].tobytes()])
                 self.sent += 1
@@ -64,6 +66,7 @@ class Sender:
         return self
 
     def close(self) -> None:
+        self._stop.set()
         self.thread.join()
         self.sock.close()
 
@@ -116,8 +119,9 @@ def test_view_command_prints_its_summary_and_saves_a_screenshot(tmp_path, serve_
     source, preview = serve_with_preview
     shot = tmp_path / "shot.png"
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"} | {"QT_QPA_PLATFORM": "offscreen"}
-    # frames for longer than the viewer's start (napari's import, ~3-5 s here) plus its 6 s window
-    sender = Sender(source, ("cam",), fps=10, seconds=16).start()
+    # frames until the viewer has ended (its start, napari's import, took 3-5 s on one machine and over
+    # 10 s on another under the test suite's load, then its 6 s window)
+    sender = Sender(source, ("cam",), fps=10, seconds=120).start()
     try:
         proc = subprocess.run([sys.executable, "-m", "fm2s_stream.cli", "view", "--from", preview,
                                "--screenshot", str(shot), "--seconds", "6"],

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from fm2s_stream.noise import M_MAX, NoiseInjector, inject_noise, tile_means
-from fm2s_stream.presets import NOISE_LEVELS, PRESETS, get_preset
+from fm2s_stream.noise import M_MAX, NoiseInjector, correlate, inject_noise, tile_means
+from fm2s_stream.presets import NOISE_LEVELS, PRESETS, Preset, get_preset
+
+
+def _lag1(n: torch.Tensor) -> tuple[float, float]:
+    """Lag-1 correlation of zero-mean-ish noise (N, C, H, W) along x and along y."""
+    n = n - n.mean()
+    v = float((n * n).mean())
+    return float((n[..., :, 1:] * n[..., :, :-1]).mean()) / v, float((n[..., 1:, :] * n[..., :-1, :]).mean()) / v
 
 
 def test_tile_means_are_per_tile_and_clamped():
@@ -85,3 +92,26 @@ def test_zero_padding_lowers_the_border_tiles_as_the_authors_code_does():
     assert zeros[0, 0, 9, 9] == pytest.approx(0.025)  # corner tile: 4 of 16 pixels are the image
     with pytest.raises(ValueError, match="pad"):
         tile_means(x, 4, pad="mirror")
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.58, 0.7])
+def test_correlated_noise_has_the_asked_correlation_and_variance(rho):
+    white = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(1))
+    out = correlate(white, rho)
+    assert _lag1(out) == pytest.approx((rho, rho), abs=0.02)
+    assert float(out.var()) == pytest.approx(float(white.var()), rel=0.03)
+
+
+def test_a_preset_with_rho_injects_correlated_noise_and_old_records_read_as_white():
+    x = torch.full((1, 1, 256, 256), 0.5)  # mid-range: clipping at 0 and 1 does not shrink the noise
+    base = get_preset("widefield")
+    white = inject_noise(x, 75, base.k_g, base.k_p, base.lambda_p, torch.Generator().manual_seed(0))
+    corr = NoiseInjector(base.with_noise(base.k_g, base.k_p, base.lambda_p, rho=0.5))(x)
+    assert abs(_lag1(white - x)[0]) < 0.02
+    assert _lag1(corr - x) == pytest.approx((0.5, 0.5), abs=0.03)
+    assert float((corr - x).var()) == pytest.approx(float((white - x).var()), rel=0.05)
+    record = base.record()
+    del record["rho"]  # state files written before rho existed
+    assert Preset.from_record(record).rho == 0.0
+    with pytest.raises(ValueError, match="rho"):
+        base.with_noise(1, 1, 1, rho=0.9)
