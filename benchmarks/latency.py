@@ -103,8 +103,9 @@ def run(size: int, channels: int, finetune: bool, fps: float, n: int, device: st
     th.start()
     time.sleep(0.3)
     fid = 0
-    # warm-up: until every channel answers with its network (cold start done), at 4 frames per second
-    # per channel, so that a slow cold start does not leave a backlog for the measured phase
+    # warm-up: until every channel answers with its network (cold start done), at up to 4 frames per
+    # second per channel and never more than one time point in flight (a frame is sent once the last one
+    # is back), so that a slow engine (2048x2048 on 2 cores) leaves no backlog for the measured phase
     end = time.monotonic() + 180
     while (time.monotonic() < end and not all(
         m.ready for m in service.pipeline.channels.values()
@@ -113,6 +114,8 @@ def run(size: int, channels: int, finetune: bool, fps: float, n: int, device: st
             push.send_multipart(encode(Frame(distinct[c][fid % 6], channel=f"c{c}", frame_id=fid)), copy=False)
             fid += 1
         time.sleep(0.25)
+        while len(got) < fid and time.monotonic() < end:
+            time.sleep(0.02)
     drained = time.monotonic() + 60
     while len(got) < fid and time.monotonic() < drained:
         time.sleep(0.02)
