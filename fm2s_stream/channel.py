@@ -318,15 +318,18 @@ class Channel:
                    f"{self.learner.net.n_chan}"
         if meta.get("dtype") != self.dtype:
             return f"saved for {meta.get('dtype')} frames, these are {self.dtype}"
+        preset, saved = self.learner.preset, meta.get("preset")
+        if isinstance(saved, dict):  # checked before anything is loaded: a bad record leaves the channel cold
+            try:
+                preset = preset.with_noise(float(saved["k_g"]), float(saved["k_p"]), float(saved["lambda_p"]),
+                                           rho=float(saved.get("rho", 0.0)))
+            except (KeyError, TypeError, ValueError) as exc:
+                return f"saved noise parameters unusable: {exc}"
         try:
             self.learner.load_tensors(tensors)
         except Exception as exc:  # any mismatch: the learner rolled back, the channel starts cold
             return f"weights do not fit: {exc}"
-        preset = meta.get("preset")
-        if isinstance(preset, dict):
-            self.learner.set_preset(self.learner.preset.with_noise(float(preset["k_g"]), float(preset["k_p"]),
-                                                                   float(preset["lambda_p"]),
-                                                                   rho=float(preset.get("rho", 0.0))))
+        self.learner.set_preset(preset)
         self.frames_before = int(meta.get("frames_learnt", 0) or 0)  # type: ignore[call-overload]
         scaling = meta.get("scaling")
         if isinstance(scaling, list) and len(scaling) == 2:

@@ -75,7 +75,8 @@ def test_state_listing_names_the_channel(tmp_path, capsys):
     assert "mCherry 561" in out and "<u2" in out
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign version", "other dtype", "pickle"])
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign version", "other dtype", "pickle",
+                                    "bad noise parameters"])
 def test_bad_state_warns_and_the_channel_starts_cold_losing_nothing(tmp_path, damage, caplog):
     frames = noisy_frames(4)
     run(tmp_path, frames)
@@ -88,13 +89,19 @@ def test_bad_state_warns_and_the_channel_starts_cold_losing_nothing(tmp_path, da
         data = torch.load(path, weights_only=True)
         data["meta"] = data["meta"].replace('"format": 1', '"format": 99')
         torch.save(data, path)
+    elif damage == "bad noise parameters":  # a readable file whose preset is out of range (rho <= 0.7)
+        data = torch.load(path, weights_only=True)
+        meta = json.loads(data["meta"])
+        meta["preset"]["rho"] = 5.0
+        data["meta"] = json.dumps(meta)
+        torch.save(data, path)
     elif damage == "pickle":  # an object the safe loader must refuse (it would run code when unpickled)
         torch.save({"meta": "{}", "tensors": {}, "evil": os.system}, path)
     frames_in = frames if damage != "other dtype" else [(f // 256).astype(np.uint8) for f in frames]
     pipe, statuses = run(tmp_path, frames_in, cold_start="classical")
     assert len(statuses) == len(frames_in) and "raw" not in statuses  # every frame answered
     reason = pipe.state_loaded["GFP"]
-    assert reason != "resumed" and (str(path) in reason or damage == "other dtype"), reason
+    assert reason != "resumed" and (str(path) in reason or damage in ("other dtype", "bad noise parameters")), reason
     assert any("starts cold" in r.message for r in caplog.records)
     why = reason.split(": ", 1)[-1][:48]
     fault_row(f"state file {damage}", len(frames_in), len(statuses), "-", 0, f"channel cold: {why}")
