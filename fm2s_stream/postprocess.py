@@ -15,7 +15,12 @@ from .ops import one_thread
 from .stages import StageClock
 from .temporal import TemporalAverage
 
-__all__ = ["PostProcess"]
+__all__ = ["ALL_THREADS_PIXELS", "PostProcess"]
+
+# From this many pixels on, the anchoring and averaging kernels run on all of torch's threads (each
+# pass over the frame is long enough that a barrier costs nothing); registration stays on one
+# (`TemporalAverage._follow`: its small operations lose more at barriers than they gain).
+ALL_THREADS_PIXELS = 1024 * 1024
 
 
 class PostProcess:
@@ -41,7 +46,7 @@ class PostProcess:
         if network and self._classical:
             self.average.reset()
         self._classical = not network
-        with one_thread(raw.device.type == "cpu"):
+        with one_thread(raw.device.type == "cpu" and raw.numel() < ALL_THREADS_PIXELS):
             if network:
                 out = anchor(out, raw, self.anchor_sigma)
                 self.clock.lap("anchoring")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .calibrate import NoiseEstimate, estimate_noise_or_none
-from .ops import BOX3, BOX7, halve, host_kernels, separable, shift_fraction
+from .ops import BOX3, BOX7, halve, host_kernels, one_thread, separable, shift_fraction
 from .registration import subpixel_shift
 from .stages import StageClock
 
@@ -201,7 +201,8 @@ class TemporalAverage:
         if state is None or state.out.shape != out.shape:
             return self._restart(position, box, out)
         self.clock.lap("averaging")
-        followed = self._follow(state, out)
+        with one_thread(out.device.type == "cpu"):  # small operations: see ops.one_thread
+            followed = self._follow(state, out)
         self.clock.lap("registration")
         if not followed:
             self.scene_changes += 1
