@@ -19,7 +19,7 @@ __all__ = ["ALL_THREADS_PIXELS", "PostProcess"]
 
 # From this many pixels on, the anchoring and averaging kernels run on all of torch's threads (each
 # pass over the frame is long enough that a barrier costs nothing); registration stays on one
-# (`TemporalAverage._follow`: its small operations lose more at barriers than they gain).
+# (`TemporalAverage._register`: its small operations lose more at barriers than they gain).
 ALL_THREADS_PIXELS = 1024 * 1024
 
 

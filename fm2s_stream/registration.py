@@ -12,9 +12,11 @@ Sub-pixel moves themselves are `ops.shift_fraction` (Lanczos-3).
 
 from __future__ import annotations
 
+import numba
+import numpy as np
 import torch
 
-from .ops import GAUSS1, gaussian, halve, overlap, separable, shift_fraction
+from .ops import GAUSS1, gaussian, halve, host_kernels, overlap, separable, shift_fraction
 
 __all__ = ["WORK_SIDE", "refine_shift", "register_shift", "subpixel_shift"]
 
@@ -54,12 +56,23 @@ def _gradient(a: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gradient(a, dim=dim)[0]
 
 
-def _lucas_kanade(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | None:
+def _lucas_kanade(a: torch.Tensor, b: torch.Tensor, torch_only: bool = False) -> tuple[float, float] | None:
     """Robust least-squares (ey, ex) with a[y] ~ b[y - e] for small e; None if the frames have no texture.
 
     Residuals are Cauchy-weighted (scale from their median absolute deviation), so a region that
-    changed (a cell lighting up) does not pull the global shift towards itself.
+    changed (a cell lighting up) does not pull the global shift towards itself. On the CPU the two
+    passes are fused numba kernels (`_lk_difference`, `_lk_sums`) instead of ~30 torch operations,
+    each a pass over the frame (a 250x250 step: 1.23 -> 0.25 ms).
     """
+    if host_kernels(a, torch_only):
+        diff, grad_y, grad_x, energy = _lk_difference(a.contiguous().numpy(), b.contiguous().numpy())
+        sample = diff[::2, ::2]
+        offset = _median(sample)  # a change in part of the field must not offset the rest
+        spread = _median(np.abs(sample - offset))
+        texture = (energy / diff.size) ** 0.5
+        scale = max(1.4826 * spread, 0.25 * texture) * 2.385 + 1e-12
+        syy, syx, sxx, ry, rx = (float(v) for v in _lk_sums(grad_y, grad_x, diff, offset, scale))
+        return _solve(syy, syx, sxx, ry, rx)
     gy = 0.5 * (_gradient(a, 0) + _gradient(b, 0))
     gx = 0.5 * (_gradient(a, 1) + _gradient(b, 1))
     d = a - b
@@ -71,6 +84,11 @@ def _lucas_kanade(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | Non
     wy, wx = wgt * gy, wgt * gx
     sums = torch.stack([(wy * gy).sum(), (wy * gx).sum(), (wx * gx).sum(), (wy * d).sum(), (wx * d).sum()])
     syy, syx, sxx, ry, rx = (float(v) for v in sums.double().cpu())  # one device-to-host copy per step
+    return _solve(syy, syx, sxx, ry, rx)
+
+
+def _solve(syy: float, syx: float, sxx: float, ry: float, rx: float) -> tuple[float, float] | None:
+    """The 2x2 normal equations' solution; None if they are singular or badly conditioned (no texture)."""
     det = syy * sxx - syx * syx
     trace = syy + sxx
     if trace <= 0 or det <= 0:
@@ -83,7 +101,73 @@ def _lucas_kanade(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | Non
     return ey, ex
 
 
-def subpixel_shift(cur: torch.Tensor, ref: torch.Tensor, max_shift: float = 64.0) -> tuple[float, float] | None:
+@numba.njit(cache=True)
+def _lk_difference(a: np.ndarray,
+                   b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:  # pragma: no cover - compiled
+    """(a - b; the two frames' mean gradient along rows and along columns; the sum of its squared norm).
+
+    Gradients as numpy.gradient takes them: central differences inside, one-sided at the edges.
+    """
+    h, w = a.shape
+    d = np.empty((h, w), np.float32)
+    gy = np.empty((h, w), np.float32)
+    gx = np.empty((h, w), np.float32)
+    for i in range(h):
+        up, down = max(i - 1, 0), min(i + 1, h - 1)
+        step_y = np.float32(0.25 if 0 < i < h - 1 else 0.5)  # half of 1 / (down - up), for the mean of a and b
+        for j in range(w):
+            gy[i, j] = step_y * ((a[down, j] + b[down, j]) - (a[up, j] + b[up, j]))
+        for j in range(1, w - 1):
+            gx[i, j] = np.float32(0.25) * ((a[i, j + 1] + b[i, j + 1]) - (a[i, j - 1] + b[i, j - 1]))
+        gx[i, 0] = np.float32(0.5) * ((a[i, 1] + b[i, 1]) - (a[i, 0] + b[i, 0]))
+        gx[i, w - 1] = np.float32(0.5) * ((a[i, w - 1] + b[i, w - 1]) - (a[i, w - 2] + b[i, w - 2]))
+        for j in range(w):
+            d[i, j] = a[i, j] - b[i, j]
+    energy = 0.0
+    for i in range(h):
+        row = np.float32(0.0)
+        for j in range(w):
+            row += gy[i, j] * gy[i, j] + gx[i, j] * gx[i, j]
+        energy += row
+    return d, gy, gx, energy
+
+
+@numba.njit(cache=True)
+def _lk_sums(gy: np.ndarray, gx: np.ndarray, d: np.ndarray, offset: float,
+             scale: float) -> np.ndarray:  # pragma: no cover - compiled
+    """The Cauchy-weighted normal equations' five sums (yy, yx, xx, yd, xd): float32 rows, float64 total."""
+    h, w = d.shape
+    sums = np.zeros(5)
+    off, inv = np.float32(offset), np.float32(1.0 / scale)
+    for i in range(h):
+        s0 = s1 = s2 = s3 = s4 = np.float32(0.0)
+        for j in range(w):
+            y, x = gy[i, j], gx[i, j]
+            r = d[i, j] - off
+            z = r * inv
+            wgt = np.float32(1.0) / (np.float32(1.0) + z * z)
+            s0 += wgt * y * y
+            s1 += wgt * y * x
+            s2 += wgt * x * x
+            s3 += wgt * y * r
+            s4 += wgt * x * r
+        sums[0] += s0
+        sums[1] += s1
+        sums[2] += s2
+        sums[3] += s3
+        sums[4] += s4
+    return sums
+
+
+def _median(values: np.ndarray) -> float:
+    """The lower median (torch.median's choice), by partition: ~3x faster than numpy.median on 16k values."""
+    flat = values.ravel()
+    k = (flat.size - 1) // 2
+    return float(np.partition(flat, k)[k])
+
+
+def subpixel_shift(cur: torch.Tensor, ref: torch.Tensor, max_shift: float = 64.0,
+                   torch_only: bool = False) -> tuple[float, float] | None:
     """(dy, dx) with cur[y, x] ~ ref[y - dy, x - dx], to a fraction of a pixel; None if not found.
 
     Coarse: phase correlation at quarter resolution. Fine: up to five Lucas-Kanade steps at half
@@ -115,7 +199,7 @@ def subpixel_shift(cur: torch.Tensor, ref: torch.Tensor, max_shift: float = 64.0
         a, b = a[margin:-margin, margin:-margin], b[margin:-margin, margin:-margin]
         if min(a.shape) < 8:
             return None
-        step = _lucas_kanade(a.contiguous(), b.contiguous())
+        step = _lucas_kanade(a.contiguous(), b.contiguous(), torch_only)
         if step is None:
             return None
         e = [e[0] + step[0], e[1] + step[1]]

@@ -33,7 +33,16 @@ import numpy as np
 import torch
 
 from .calibrate import NoiseEstimate, estimate_noise_or_none
-from .ops import BOX3, BOX7, halve, host_kernels, one_thread, separable, shift_fraction
+from .ops import (
+    BOX3,
+    BOX7,
+    filter_then_shift,
+    halve,
+    host_kernels,
+    one_thread,
+    separable,
+    shift_fraction,
+)
 from .registration import subpixel_shift
 from .stages import StageClock
 
@@ -97,25 +106,33 @@ def _update_numba(changed: np.ndarray, box: np.ndarray, out: np.ndarray, raw: np
 def _hits_numba(diff: np.ndarray, sd: np.ndarray, d9: np.ndarray, wide: np.ndarray, c9: np.float32,
                 t3: np.float32, t9: np.float32, t30: np.float32, has_wide: bool,
                 count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """The fused CPU kernel of `_hits`: all three scales' tests in one pass (float32 as torch does them)."""
+    """The fused CPU kernel of `_hits`: all three scales' tests in one pass (float32 as torch does them).
+
+    Thresholds scale the noise std instead of dividing by it, and the coarse scale's test runs as a
+    second loop over the row, so both loops vectorise (2048x2048: 7.4 -> 3.8 ms).
+    """
     h, w = diff.shape
     hw, ww = wide.shape
     changed = np.empty((h, w), np.bool_)
     per_row = np.zeros((h, 3), np.int64)
+    t9c = t9 * c9
     for i in numba.prange(h):
-        wi = min(i // 4, hw - 1)
+        coarse = wide[min(i // 4, hw - 1)]
         n3 = 0
         n9 = 0
         n30 = 0
         for j in range(w):
             s = sd[i, j]
-            a = abs(diff[i, j] / s) > t3
-            b = abs(d9[i, j] / (s * c9)) > t9
-            c = has_wide and abs(wide[wi, min(j // 4, ww - 1)]) > t30
+            a = abs(diff[i, j]) > t3 * s
+            b = abs(d9[i, j]) > t9c * s
             n3 += a
             n9 += b
-            n30 += c
-            changed[i, j] = count[i, j] < 1 or a or b or c
+            changed[i, j] = count[i, j] < 1 or a or b
+        if has_wide:
+            for j in range(w):
+                c = abs(coarse[min(j // 4, ww - 1)]) > t30
+                n30 += c
+                changed[i, j] = changed[i, j] or c
         per_row[i, 0] = n3
         per_row[i, 1] = n9
         per_row[i, 2] = n30
@@ -194,29 +211,34 @@ class TemporalAverage:
         self.frames += 1
         if self.noise is None and self.frames == 1:  # nobody seeded it: fit the first frame (a central crop)
             self.seed_noise(estimate_noise_or_none(_central_crop(raw)))
-        box = separable(raw.float(), BOX3, BOX3)
+        raw = raw.float()
         state = self._states.pop(position, None)
         if state is not None:
             self._states[position] = state  # most recently seen last
         if state is None or state.out.shape != out.shape:
-            return self._restart(position, box, out)
+            return self._restart(position, raw, out)
         self.clock.lap("averaging")
         with one_thread(out.device.type == "cpu"):  # small operations: see ops.one_thread
-            followed = self._follow(state, out)
+            shift = self._register(state, out)
+        if shift is not None:
+            self._move(state, shift)  # whole-frame copies: on all threads where the caller allows them
         self.clock.lap("registration")
-        if not followed:
+        if shift is None:
             self.scene_changes += 1
-            return self._restart(position, box, out)
+            return self._restart(position, raw, out)
         fy, fx = state.frac
-        box_h, out_h = shift_fraction(box, -fy, -fx), shift_fraction(out, -fy, -fx)  # on the history's grid
+        # the 3x3 raw mean and the denoised frame on the history's grid (the 3x3 mean and its shift in one pass)
+        box_h = filter_then_shift(raw, BOX3, BOX3, -fy, -fx, self.torch_only)
+        out_h = shift_fraction(out, -fy, -fx, self.torch_only)
         changed, fine = self._changed(box_h, state)
         if fine > SCENE_CHANGE:
             self.scene_changes += 1
-            return self._restart(position, box, out)
+            return self._restart(position, raw, out)
         mean_count = self._update(changed, box_h, out_h, state)
+        if not fy and not fx:
+            return state.out.clone(), mean_count
         # the current frame as it is, plus the history's difference from it brought to its grid
-        result = out + shift_fraction(state.out - out_h, fy, fx) if (fy or fx) else state.out.clone()
-        return result, mean_count
+        return out + shift_fraction(state.out - out_h, fy, fx, self.torch_only), mean_count
 
     def _update(self, changed: torch.Tensor, box: torch.Tensor, out: torch.Tensor, state: _State) -> float:
         """Restart changed pixels, average the rest (weight 1 / count, count capped); the mean count."""
@@ -245,29 +267,30 @@ class TemporalAverage:
         sd = torch.sqrt(torch.clamp(a * state.raw + b, min=1e-6) * (1.0 + 1.0 / torch.clamp(state.count, min=1)))
         return diff, sd
 
-    def _restart(self, position: tuple[int, int], box: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _restart(self, position: tuple[int, int], raw: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Start this position's average afresh from the current frame (oldest positions forgotten)."""
+        box = separable(raw, BOX3, BOX3, self.torch_only)
         self._states[position] = _State(box, out.clone(), torch.ones_like(out))
         while len(self._states) > self.max_positions:
             self._states.pop(next(iter(self._states)))
         return out, 1.0
 
-    def _follow(self, state: _State, out: torch.Tensor) -> bool:
-        """Register the history to the current frame and move it there; False if no match is found."""
+    def _register(self, state: _State, out: torch.Tensor) -> tuple[float, float] | None:
+        """The history's shift to the current frame ((0, 0) without motion); None if no match is found."""
         if not self.motion:
-            return True
+            return (0.0, 0.0)
         h, w = out.shape
-        shift = subpixel_shift(out, state.out, max_shift=min(h, w) / 4)
-        if shift is None:
-            return False
+        return subpixel_shift(out, state.out, max_shift=min(h, w) / 4, torch_only=self.torch_only)
+
+    def _move(self, state: _State, shift: tuple[float, float]) -> None:
+        """Bring the history to the current frame: whole pixels by copying, the fraction kept in `frac`."""
         self.last_shift = shift  # history pixel j shows the current frame's position j + shift
         whole = (round(shift[0]), round(shift[1]))
         frac = tuple(0.0 if abs(t - n) < SNAP else t - n for t, n in zip(shift, whole))
         state.frac = (float(frac[0]), float(frac[1]))
         if whole != (0, 0):
             for name in ("raw", "out", "count"):
-                setattr(state, name, _roll(getattr(state, name), whole))
-        return True
+                setattr(state, name, _roll(getattr(state, name), whole, self.torch_only))
 
     def _learn_noise_model(self, diff: torch.Tensor, state: _State, still: torch.Tensor) -> None:
         """Refine the 3x3-mean noise model from frame-to-frame differences of pixels that did not change:
@@ -353,7 +376,7 @@ class TemporalAverage:
                                   np.float32(thresholds[0]), np.float32(thresholds[1]), np.float32(thresholds[2]),
                                   wide is not None, count.numpy())
             return torch.from_numpy(mask), [int(v) for v in n[: 3 if wide is not None else 2]]
-        hits = [(diff / sd).abs() > thresholds[0], (d9 / (sd * c9)).abs() > thresholds[1]]
+        hits = [diff.abs() > thresholds[0] * sd, d9.abs() > (thresholds[1] * c9) * sd]
         if wide is not None:
             hits.append(_expand(wide, diff.shape).abs() > thresholds[2])
         changed = count < 1
@@ -391,8 +414,21 @@ def _expand(small: torch.Tensor, shape: tuple[int, int] | torch.Size) -> torch.T
     return big
 
 
-def _roll(a: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+@numba.njit(parallel=True, cache=True)
+def _roll_numba(a: np.ndarray, dy: int, dx: int) -> np.ndarray:  # pragma: no cover - compiled
+    """`_roll` in one pass (torch.roll and four fills take five: 1.3 vs 0.6 ms at 1024x1024)."""
+    h, w = a.shape
+    out = np.zeros((h, w), a.dtype)
+    for i in numba.prange(max(dy, 0), h + min(dy, 0)):
+        for j in range(max(dx, 0), w + min(dx, 0)):
+            out[i, j] = a[i - dy, j - dx]
+    return out
+
+
+def _roll(a: torch.Tensor, shift: tuple[int, int], torch_only: bool = False) -> torch.Tensor:
     """`a` moved by whole pixels (out[y] = a[y - shift]); what enters from outside is 0 (count 0: no history)."""
+    if host_kernels(a, torch_only):
+        return torch.from_numpy(_roll_numba(a.contiguous().numpy(), int(shift[0]), int(shift[1])))
     out = torch.roll(a, shift, dims=(0, 1))
     dy, dx = shift
     out[: max(dy, 0)] = 0

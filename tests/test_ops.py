@@ -13,6 +13,7 @@ from fm2s_stream import ops
 from fm2s_stream.anchor import anchor
 from fm2s_stream.learner import Learner, cold_start_schedule
 from fm2s_stream.presets import get_preset
+from fm2s_stream.registration import _lucas_kanade
 from fm2s_stream.synthetic import Camera, TimeLapse
 from fm2s_stream.temporal import TemporalAverage
 
@@ -71,6 +72,18 @@ def test_temporal_average_fused_cpu_kernels_match_the_torch_path():
         (a, na), (b, nb) = fused.apply(r, d), plain.apply(r, d)
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-3)
         assert na == pytest.approx(nb, rel=1e-6), (t, na, nb)
+
+
+@pytest.mark.parametrize("shape", [(40, 56), (250, 250)])
+def test_lucas_kanade_step_fused_cpu_kernels_match_the_torch_path(shape):
+    scene = ndimage.gaussian_filter(RNG.uniform(0, 1000, (shape[0] + 8, shape[1] + 8)), 2).astype(np.float32)
+    cur = torch.from_numpy(RNG.poisson(scene[4:-4, 4:-4]).astype(np.float32))
+    ref = torch.from_numpy(RNG.poisson(ndimage.shift(scene, (0.3, -0.2))[4:-4, 4:-4]).astype(np.float32))
+    fused, plain = _lucas_kanade(cur, ref), _lucas_kanade(cur, ref, torch_only=True)
+    assert fused is not None and plain is not None
+    np.testing.assert_allclose(fused, plain, atol=1e-4)  # float32 sums in a different order, nothing else
+    flat = torch.ones(shape)
+    assert _lucas_kanade(flat, flat) is None and _lucas_kanade(flat, flat, torch_only=True) is None
 
 
 def test_tiled_cpu_inference_is_the_whole_frame_answer():
