@@ -155,10 +155,48 @@ def _gaussian_taps(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return (k / k.sum()).astype(np.float32)
 
 
+@numba.njit(cache=True, inline="always")
+def _mirror(i: int, n: int) -> int:  # pragma: no cover - compiled
+    """Index i of a line of n samples mirrored half-sample symmetrically (d c b a | a b c d | d c ...)."""
+    i = i % (2 * n)
+    return 2 * n - 1 - i if i >= n else i
+
+
+@numba.njit(parallel=True, cache=True)
+def _mirrored_numba(img: np.ndarray, k: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Correlate rows, then columns, with the odd kernel k, edges mirrored (scipy's "reflect")."""
+    h, w = img.shape
+    r = len(k) // 2
+    tmp = np.empty((h, w), np.float32)
+    for i in numba.prange(h):
+        row = np.empty(w + 2 * r, np.float32)
+        for j in range(w + 2 * r):
+            row[j] = img[i, _mirror(j - r, w)]
+        for j in range(w):
+            tmp[i, j] = 0.0
+        for t in range(len(k)):
+            c = k[t]
+            for j in range(w):
+                tmp[i, j] += c * row[j + t]
+    out = np.empty((h, w), np.float32)
+    for i in numba.prange(h):
+        for j in range(w):
+            out[i, j] = 0.0
+        for t in range(len(k)):
+            ii = _mirror(i + t - r, h)
+            c = k[t]
+            for j in range(w):
+                out[i, j] += c * tmp[ii, j]
+    return out
+
+
 def gaussian(img: torch.Tensor, sigma: float, torch_only: bool = False) -> torch.Tensor:
-    """Gaussian blur of a (H, W) image, edges mirrored (scipy.ndimage.gaussian_filter's default)."""
+    """Gaussian blur of a (H, W) image, edges mirrored (scipy.ndimage.gaussian_filter's default, its taps).
+
+    On the CPU a numba kernel (scipy's at 512x512, sigma 2: ~2.8 ms per axis pair here, most of the
+    temporal pair's motion guard)."""
     if host_kernels(img, torch_only):
-        return torch.from_numpy(ndimage.gaussian_filter(to_host(img), sigma, mode="reflect"))
+        return torch.from_numpy(_mirrored_numba(to_host(img), _gaussian_taps(sigma)))
     k = _kernel(_gaussian_taps(sigma), img.device)
     r = len(k) // 2
     x = _symmetric_pad(img.float(), r)[None, None]

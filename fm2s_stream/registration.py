@@ -35,20 +35,37 @@ def register_shift(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
     return (dy - h if dy > h // 2 else dy, dx - w if dx > w // 2 else dx)
 
 
-def refine_shift(cur: torch.Tensor, prev: torch.Tensor, dy: int, dx: int) -> tuple[int, int]:
+def refine_shift(cur: torch.Tensor, prev: torch.Tensor, dy: int, dx: int, torch_only: bool = False) -> tuple[int, int]:
     """The best integer shift within +-1 pixel of (dy, dx), by the blurred frames' squared difference."""
     h, w = cur.shape
-    a, b = gaussian(cur, 1.0), gaussian(prev, 1.0)
+    a, b = gaussian(cur, 1.0, torch_only), gaussian(prev, 1.0, torch_only)
     best, best_err = (dy, dx), float("inf")
     for ey in (-1, 0, 1):
         for ex in (-1, 0, 1):
             (ya, xa), (yb, xb) = overlap(h, w, dy + ey, dx + ex)
             if a[ya, xa].numel() == 0:
                 continue
-            err = float(((a[ya, xa] - b[yb, xb]) ** 2).mean())
+            if host_kernels(a, torch_only):  # one fused pass instead of three (9 per call)
+                err = _mean_squared_difference(a[ya, xa].numpy(), b[yb, xb].numpy())
+            else:
+                err = float(((a[ya, xa] - b[yb, xb]) ** 2).mean())
             if err < best_err:
                 best, best_err = (dy + ey, dx + ex), err
     return best
+
+
+@numba.njit(cache=True)
+def _mean_squared_difference(a: np.ndarray, b: np.ndarray) -> float:  # pragma: no cover - compiled
+    """mean((a - b)^2) of two equally shaped (possibly strided) windows: float32 rows, float64 total."""
+    h, w = a.shape
+    total = 0.0
+    for i in range(h):
+        row = np.float32(0.0)
+        for j in range(w):
+            d = a[i, j] - b[i, j]
+            row += d * d
+        total += row
+    return total / (h * w)
 
 
 def _gradient(a: torch.Tensor, dim: int) -> torch.Tensor:

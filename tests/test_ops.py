@@ -13,7 +13,7 @@ from fm2s_stream import ops
 from fm2s_stream.anchor import anchor
 from fm2s_stream.learner import Learner, cold_start_schedule
 from fm2s_stream.presets import get_preset
-from fm2s_stream.registration import _lucas_kanade
+from fm2s_stream.registration import _lucas_kanade, refine_shift
 from fm2s_stream.synthetic import Camera, TimeLapse
 from fm2s_stream.temporal import TemporalAverage
 
@@ -32,6 +32,21 @@ def test_separable_filter_is_the_same_in_numba_and_torch(kernels):
 def test_gaussian_is_scipys_in_torch_too(sigma):
     np.testing.assert_allclose(ops.gaussian(IMG, sigma).numpy(), ops.gaussian(IMG, sigma, torch_only=True).numpy(),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(67, 91), (5, 7), (1, 30), (12, 3)])
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_gaussian_cpu_kernel_is_scipys_to_float_rounding(shape, sigma):
+    # radius 16 on a 3-pixel line: the mirror folds back more than once
+    img = RNG.uniform(0, 1, shape).astype(np.float32)
+    np.testing.assert_allclose(ops.gaussian(torch.from_numpy(img), sigma).numpy(),
+                               ndimage.gaussian_filter(img, sigma, mode="reflect"), atol=1e-6)
+
+
+def test_refine_shift_is_the_same_in_numba_and_torch():
+    scene = ndimage.gaussian_filter(RNG.uniform(0, 1, (140, 150)), 2).astype(np.float32)
+    cur, prev = torch.from_numpy(scene[10:130, 12:142].copy()), torch.from_numpy(scene[8:128, 15:145].copy())
+    assert refine_shift(cur, prev, -1, 2) == refine_shift(cur, prev, -1, 2, torch_only=True) == (-2, 3)
 
 
 def test_halve_is_the_same_in_numba_and_torch():
