@@ -292,6 +292,7 @@ class Pipeline:
         return Result(frame, pixels, status, degraded, steps, latency, reason, averaged, progress), channel, prep
 
     def _process(self, frame: Frame) -> tuple[Channel, Prepared] | None:
+        self.policy.arrived(frame.channel, frame.received)
         t0 = time.perf_counter()
         result, channel, prep = self._answer(frame)
         answer_s = time.perf_counter() - t0
@@ -304,6 +305,10 @@ class Pipeline:
             return None
         try:  # learn after: as the latency policy allows
             channel.remember(prep)
+            # periodic work first: the steps after it then stop as the next frame is due, as always
+            if channel.maintain(prep):
+                with self._lock:
+                    self.counts["recalibrations"] += 1
             plan = self.policy.plan(frame.received, backlog, channel.ready, answer_s, channel.frames_seen,
                                     answers=channel.learner.answers)
             if channel.ready and any(name != channel.name for name in self._cold):
@@ -316,9 +321,6 @@ class Pipeline:
                     self.counts["finetune_skipped"] += 1
             elif plan.max_steps:
                 self._learn(channel, prep, plan)
-            if channel.maintain(prep):
-                with self._lock:
-                    self.counts["recalibrations"] += 1
         except Exception:
             log.exception("learning after frame %s of %r failed", frame.frame_id, frame.channel)
         return channel, prep

@@ -11,13 +11,19 @@ Publish first, learn after. After each answer the pipeline asks `plan` and train
   drained first;
 - a ready channel fine-tunes while one step plus one answer still fits the budget and no frame waits,
   at most `max_finetune_steps`; an estimate found over budget decays so that a one-off slow step
-  (kernel set-up, a busy moment) does not switch fine-tuning off for good;
+  (kernel set-up, a busy moment) does not switch fine-tuning off for good. Where frames come at a
+  steady rate (a camera), a step starts only if it should end before the next frame is due, give or
+  take NEXT_FRAME_SLACK of a step: a frame arriving mid-step would wait for it, and that wait is
+  most of the latency beyond the answer itself. The next frame is due one median interval (over the
+  last PERIOD_FRAMES) after its channel's last one; channels that went quiet do not count;
 - under backlog a ready channel does not learn at all (counted as `finetune_skipped`).
 Costs are smoothed with exponential moving averages (COST_MEMORY of the old value kept).
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["COLD_SHARE", "LatencyPolicy", "Plan"]
@@ -26,6 +32,8 @@ COLD_SHARE = 0.25  # a cold start gets at least this share of the worker's time 
 COLD_BACKLOG = 4  # with this many frames waiting, a cold start learns on every COLD_BACKLOG-th frame only
 COST_MEMORY = 0.9  # EMA weight of the old estimate of a cost
 OVER_BUDGET_DECAY = 0.9  # an over-budget step estimate shrinks by this per skipped frame, then is re-measured
+PERIOD_FRAMES = 16  # a channel's frame interval: the median of its last this many
+NEXT_FRAME_SLACK = 0.5  # a step may end this share of a step after the next frame is due (it waits that long)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,29 @@ class LatencyPolicy:
         self.max_finetune_steps = max_finetune_steps
         self.answer_s = 0.0  # smoothed cost of answering a frame with the network (0: not measured yet)
         self.step_s = 0.0  # smoothed cost of one fine-tune step (0: not measured yet)
+        self._last: dict[str, float] = {}  # per channel: when its latest frame arrived
+        self._gaps: dict[str, deque[float]] = {}  # per channel: its latest intervals between frames
+
+    def arrived(self, channel: str, received: float) -> None:
+        """Record a frame's arrival (clock time), in the order frames are taken from the queue."""
+        last = self._last.get(channel)
+        if last is not None and received > last:
+            self._gaps.setdefault(channel, deque(maxlen=PERIOD_FRAMES)).append(received - last)
+        self._last[channel] = received
+
+    def next_arrival(self, now: float) -> float | None:
+        """When the next frame is due (clock time), from each channel's median interval; None if unknown.
+
+        A channel whose frame is more than one interval overdue has gone quiet and is left out."""
+        due = []
+        for channel, last in self._last.items():
+            gaps = self._gaps.get(channel)
+            if gaps is None or len(gaps) < 3:
+                continue
+            period = statistics.median(gaps)
+            if last + 2 * period >= now:
+                due.append(last + period)
+        return min(due) if due else None
 
     @staticmethod
     def _smooth(old: float, new: float) -> float:
@@ -78,8 +109,12 @@ class LatencyPolicy:
         if backlog > 0 or self.max_finetune_steps <= 0:
             return Plan(0, skipped=self.max_finetune_steps > 0)
         if (self.step_s + self.answer_s) <= self.budget_s:
-            # a frame arriving mid-step waits at most one step: steps stop as soon as a frame waits
-            return Plan(self.max_finetune_steps)
+            # a frame arriving mid-step waits at most one step: steps stop as soon as a frame waits,
+            # and, where the next frame's arrival is known, start only if they should end by then
+            due = self.next_arrival(received + answer_seconds)
+            if due is None or not self.step_s:
+                return Plan(self.max_finetune_steps)
+            return Plan(self.max_finetune_steps, deadline=due + (NEXT_FRAME_SLACK - 1) * self.step_s)
         self.step_s *= OVER_BUDGET_DECAY
         return Plan(0, skipped=True)
 

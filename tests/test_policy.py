@@ -2,7 +2,7 @@
 
 import pytest
 
-from fm2s_stream.policy import COLD_BACKLOG, COLD_SHARE, LatencyPolicy
+from fm2s_stream.policy import COLD_BACKLOG, COLD_SHARE, NEXT_FRAME_SLACK, LatencyPolicy
 
 
 def test_a_ready_channel_fine_tunes_only_while_step_and_answer_fit_the_budget():
@@ -55,3 +55,55 @@ def test_sustainable_fps_is_known_once_both_costs_are_measured():
 def test_no_fine_tuning_configured_is_not_counted_as_skipped():
     plan = LatencyPolicy(budget_ms=50, max_finetune_steps=0).plan(0.0, backlog=0, ready=True, answer_seconds=0.0)
     assert plan.max_steps == 0 and not plan.skipped
+
+
+def _camera(policy: LatencyPolicy, channel: str, start: float, period: float, n: int) -> float:
+    for i in range(n):
+        policy.arrived(channel, start + i * period)
+    return start + (n - 1) * period
+
+
+def test_steps_start_only_if_they_end_about_when_the_next_frame_is_due():
+    policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    policy.answered(0.020)
+    policy.stepped(0.016)
+    assert policy.plan(10.0, backlog=0, ready=True, answer_seconds=0.02).deadline is None  # rate not known yet
+    last = _camera(policy, "a", 10.0, 0.05, 6)
+    plan = policy.plan(last, backlog=0, ready=True, answer_seconds=0.02)
+    assert plan.max_steps == 8
+    assert plan.deadline == pytest.approx(last + 0.05 - (1 - NEXT_FRAME_SLACK) * 0.016)
+
+
+def test_the_next_frame_is_the_earliest_due_and_quiet_channels_do_not_count():
+    policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    _camera(policy, "a", 10.0, 0.05, 6)  # last at 10.25
+    _camera(policy, "b", 10.01, 0.05, 6)  # last at 10.26, both channels of one time point
+    assert policy.next_arrival(10.27) == pytest.approx(10.30)
+    _camera(policy, "c", 0.0, 0.1, 5)  # stopped at 0.4: long overdue
+    assert policy.next_arrival(10.27) == pytest.approx(10.30)
+    assert policy.next_arrival(20.0) is None  # everything went quiet: no deadline, as without a camera
+
+
+def test_a_simulated_camera_gets_its_steps_without_making_frames_wait():
+    # 20 fps, answers of 22 ms and steps of 15 ms (a 512x512 frame on 2 cores): the worker, as the
+    # pipeline runs it, on a simulated clock; a frame waits when the worker is busy as it arrives
+    policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    answer, step, period = 0.022, 0.015, 0.05
+    free, latencies, steps = 0.0, [], 0
+    for i in range(200):
+        arrival = 1.0 + i * period
+        policy.arrived("a", arrival)
+        start = max(free, arrival)
+        now = start + answer
+        latencies.append(now - arrival)
+        policy.answered(answer)
+        plan = policy.plan(arrival, backlog=0, ready=True, answer_seconds=now - arrival)
+        taken = 0
+        while taken < plan.max_steps and now < arrival + period and not (plan.deadline and now > plan.deadline):
+            now += step  # the pipeline also stops at once when the next frame is in the queue
+            policy.stepped(step)
+            taken += 1
+        steps += taken
+        free = now
+    assert steps / 200 >= 1.5, steps
+    assert max(latencies[10:]) <= answer + NEXT_FRAME_SLACK * step + 1e-9, max(latencies)
