@@ -28,7 +28,7 @@ import torch
 from .calibrate import auto_base, auto_preset, estimate_noise_or_none
 from .devices import download, upload
 from .learner import Learner, cold_start_schedule
-from .ops import gaussian, halve, one_thread, overlap, shift_fraction
+from .ops import float_and_affine, gaussian, halve, one_thread, overlap, shift_fraction
 from .postprocess import PostProcess
 from .presets import Preset, get_preset
 from .registration import refine_shift, register_shift
@@ -202,10 +202,10 @@ class Channel:
         self.dtype = pixels.dtype.str
         self.frames_seen += 1
         self.clock.start()
-        camera = upload(pixels, self.device)
+        frame = upload(pixels, self.device)
         self.clock.lap("transfer")
         self.scaling = self._update_scaling(pixels)
-        unit = (camera - self.scaling.black) / self.scaling.span
+        camera, unit = float_and_affine(frame, 1.0 / self.scaling.span, -self.scaling.black / self.scaling.span)
         self.clock.lap("scaling")
         return Prepared(pixels, camera, unit, self.scaling, position)
 
@@ -221,8 +221,8 @@ class Channel:
     def answer(self, prep: Prepared) -> tuple[np.ndarray, str]:
         """Denoised pixels (input dtype) and their status: "denoised" (network) or "bootstrap" (classical)."""
         network = self.learner.answers
-        out = self.learner.infer(prep.unit) if network else gaussian(prep.unit, 1.0)
-        camera = out * prep.scaling.span + prep.scaling.black
+        span, black = prep.scaling.span, prep.scaling.black
+        camera = self.learner.infer(prep.unit, span, black) if network else gaussian(prep.unit, 1.0) * span + black
         self.clock.lap("inference" if network else "classical")
         camera, prep.averaged = self.post.apply(prep.camera, camera, prep.position, network)
         pixels = download(camera, prep.raw.dtype)

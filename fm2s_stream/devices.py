@@ -8,6 +8,8 @@ import ctypes
 import numpy as np
 import torch
 
+from .ops import rounded
+
 __all__ = ["download", "fast_inference_dtype", "keep_host_memory", "resolve_device", "upload"]
 
 MMAP_THRESHOLDS = (256 << 20, 32 << 20)  # blocks below this come from the heap (the first glibc accepts)
@@ -61,16 +63,16 @@ def keep_host_memory() -> bool:
 
 
 def upload(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A uint8/uint16 camera frame as a float32 (H, W) tensor on `device`: the frame's one trip there.
+    """A uint8/uint16 camera frame as an integer (H, W) tensor on `device`: the frame's one trip there.
 
     On CUDA the bytes go through pinned host memory with a non-blocking copy (the integer frame, not
-    its float32 version, crosses the bus: half or a quarter of the bytes); the float conversion runs on
-    the device.
+    its float32 version, crosses the bus: half or a quarter of the bytes); the float conversion runs
+    on the device (`ops.float_and_affine`).
     """
     host = torch.from_numpy(np.ascontiguousarray(pixels))
     if device.type == "cuda":
         host = host.pin_memory().to(device, non_blocking=True)
-    return host.float()
+    return host
 
 
 def download(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
@@ -78,7 +80,4 @@ def download(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
 
     Quantised on the device, so the result crosses back once, at its final size.
     """
-    info = np.iinfo(dtype)
-    q = torch.clamp(torch.round(values), info.min, info.max)
-    q = q.to(torch.uint8 if dtype == np.uint8 else torch.uint16)
-    return q.cpu().numpy()
+    return rounded(values, torch.uint8 if dtype == np.uint8 else torch.uint16).cpu().numpy()

@@ -131,8 +131,9 @@ class Learner:
         return True
 
     # -- answering ---------------------------------------------------------------------------------
-    def infer(self, unit: torch.Tensor) -> torch.Tensor:
-        """The network's answer for a (H, W) [0, 1] frame on the device, float32 (H, W).
+    def infer(self, unit: torch.Tensor, gain: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        """The network's answer for a (H, W) [0, 1] frame on the device, float32 (H, W), mapped by
+        gain * answer + offset (back to camera units, in each tile while it is in cache).
 
         On the CPU frames larger than a tile are run tile by tile, each with a HALO-pixel margin of
         frame around it (the network's receptive field; at the frame's edges the convolutions pad as
@@ -149,7 +150,7 @@ class Learner:
         x = unit.to(self.inference_dtype)[None, None]
         if self.device.type != "cpu" or h * w <= WHOLE_MAX_PIXELS:
             with torch.inference_mode():
-                return net(x.contiguous(memory_format=torch.channels_last))[0, 0].float()
+                return net(x.contiguous(memory_format=torch.channels_last))[0, 0].float() * gain + offset
         out = torch.empty((h, w), dtype=torch.float32)
 
         def run(tile: tuple[int, int]) -> None:
@@ -158,7 +159,8 @@ class Learner:
             ya, xa = max(0, y - HALO), max(0, x0 - HALO)
             with torch.inference_mode():
                 part = net(x[:, :, ya : min(h, y1 + HALO), xa : min(w, x1 + HALO)].contiguous())
-                out[y:y1, x0:x1] = part[0, 0, y - ya : y - ya + y1 - y, x0 - xa : x0 - xa + x1 - x0]
+                window = part[0, 0, y - ya : y - ya + y1 - y, x0 - xa : x0 - xa + x1 - x0]
+                torch.add(window.float().mul_(gain), offset, out=out[y:y1, x0:x1])
 
         tiles = [(y, x0) for y in range(0, h, TILE) for x0 in range(0, w, TILE)]
         threads = torch.get_num_threads()

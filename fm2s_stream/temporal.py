@@ -86,13 +86,19 @@ def _residuals_numba(box: np.ndarray, raw: np.ndarray, count: np.ndarray, a: flo
 @numba.njit(parallel=True, cache=True)
 def _update_numba(changed: np.ndarray, box: np.ndarray, out: np.ndarray, raw: np.ndarray, avg: np.ndarray,
                   count: np.ndarray, max_frames: float) -> float:  # pragma: no cover - compiled
-    """The fused CPU kernel of `_update`, in place; returns the mean count."""
+    """The fused CPU kernel of `_update`, the mask's dilation included, in place; returns the mean count."""
     h, w = box.shape
     sums = np.zeros(h, np.float64)
     for i in numba.prange(h):
+        up, down = max(i - 1, 0), min(i + 1, h - 1)
+        column = np.empty(w + 2, np.bool_)  # the mask ORed over rows i-1..i+1, edges repeated
+        for j in range(w):
+            column[j + 1] = changed[up, j] or changed[i, j] or changed[down, j]
+        column[0], column[w + 1] = column[1], column[w]
         s = 0.0
         for j in range(w):
-            n = np.float32(1.0) if changed[i, j] else min(count[i, j] + np.float32(1.0), np.float32(max_frames))
+            restart = column[j] or column[j + 1] or column[j + 2]
+            n = np.float32(1.0) if restart else min(count[i, j] + np.float32(1.0), np.float32(max_frames))
             alpha = np.float32(1.0) / n
             raw[i, j] += alpha * (box[i, j] - raw[i, j])
             avg[i, j] += alpha * (out[i, j] - avg[i, j])
@@ -137,22 +143,6 @@ def _hits_numba(diff: np.ndarray, sd: np.ndarray, d9: np.ndarray, wide: np.ndarr
         per_row[i, 1] = n9
         per_row[i, 2] = n30
     return changed, per_row.sum(axis=0)
-
-
-@numba.njit(parallel=True, cache=True)
-def _dilate_numba(mask: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """3x3 binary dilation, edges repeated (what a 3x3 box filter > 0 gives)."""
-    h, w = mask.shape
-    across = np.empty((h, w), np.bool_)
-    for i in numba.prange(h):
-        for j in range(w):
-            across[i, j] = mask[i, j] or mask[i, max(j - 1, 0)] or mask[i, min(j + 1, w - 1)]
-    out = np.empty((h, w), np.bool_)
-    for i in numba.prange(h):
-        up, down = max(i - 1, 0), min(i + 1, h - 1)
-        for j in range(w):
-            out[i, j] = across[i, j] or across[up, j] or across[down, j]
-    return out
 
 
 @dataclass
@@ -241,11 +231,13 @@ class TemporalAverage:
         return out + shift_fraction(state.out - out_h, fy, fx, self.torch_only), mean_count
 
     def _update(self, changed: torch.Tensor, box: torch.Tensor, out: torch.Tensor, state: _State) -> float:
-        """Restart changed pixels, average the rest (weight 1 / count, count capped); the mean count."""
+        """Restart changed pixels and their 8 neighbours (edges repeated), average the rest (weight
+        1 / count, count capped); the mean count. On the CPU the dilation is fused into the update."""
         if host_kernels(state.raw, self.torch_only):
             return float(_update_numba(changed.numpy(), box.contiguous().numpy(), out.contiguous().numpy(),
                                        state.raw.numpy(), state.out.numpy(), state.count.numpy(),
                                        float(self.max_frames)))
+        changed = separable(changed.float(), BOX3, BOX3, self.torch_only) > 0
         count = torch.where(changed, 1.0, torch.clamp(state.count + 1, max=float(self.max_frames)))
         alpha = 1.0 / count
         state.raw += alpha * (box - state.raw)
@@ -365,7 +357,7 @@ class TemporalAverage:
                 self.spread[scale] = current if scale not in self.spread else 0.9 * spread + 0.1 * current
         if fine < 0.05 and (self.frames < 16 or self.frames % 4 == 0):  # settles fast, then drifts slowly
             self._learn_noise_model(diff, state, ~changed)
-        return self._dilate(changed), fine
+        return changed, fine
 
     def _hits(self, diff: torch.Tensor, sd: torch.Tensor, d9: torch.Tensor, wide: torch.Tensor | None,
               thresholds: list[float], c9: float, count: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -383,13 +375,6 @@ class TemporalAverage:
         for hit in hits:
             changed |= hit
         return changed, [int(torch.count_nonzero(hit)) for hit in hits]
-
-    def _dilate(self, mask: torch.Tensor) -> torch.Tensor:
-        """The mask grown by one pixel (3x3, edges repeated)."""
-        if host_kernels(mask, self.torch_only):
-            return torch.from_numpy(_dilate_numba(mask.numpy()))
-        return separable(mask.float(), BOX3, BOX3) > 0
-
 
 def _sample_step(h: int, w: int) -> int:
     """Pixel step of the samples a frame's robust spread is measured on: every 4th, coarser on large

@@ -108,3 +108,18 @@ def test_tiled_cpu_inference_is_the_whole_frame_answer():
     with torch.inference_mode():
         whole = learner._inference_net(unit[None, None])[0, 0]  # type: ignore[misc]
     np.testing.assert_allclose(tiled.numpy(), whole.numpy(), atol=1e-5)
+    np.testing.assert_allclose(learner.infer(unit, 3000.0, 100.0).numpy(), whole.numpy() * 3000 + 100, rtol=1e-5)
+    small = unit[:64, :64]  # one tile: the whole-frame path
+    np.testing.assert_allclose(learner.infer(small, 2.0, -1.0).numpy(), 2 * learner.infer(small).numpy() - 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16])
+def test_frame_scaling_and_quantisation_are_the_same_in_numba_and_torch(dtype):
+    top = 255 if dtype == torch.uint8 else 65535
+    frame = torch.from_numpy(RNG.integers(0, top + 1, (37, 53)).astype(np.uint8 if top == 255 else np.uint16))
+    (a, ua), (b, ub) = ops.float_and_affine(frame, 1 / 300, -0.1), ops.float_and_affine(frame, 1 / 300, -0.1, True)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(ua.numpy(), ub.numpy(), rtol=1e-6, atol=1e-7)
+    values = torch.from_numpy(RNG.uniform(-20, top + 20, (37, 53)).astype(np.float32))
+    values[0, :4] = torch.tensor([0.5, 1.5, 2.5, top - 0.5])  # ties round to even, as torch.round does
+    np.testing.assert_array_equal(ops.rounded(values, dtype).numpy(), ops.rounded(values, dtype, True).numpy())
