@@ -210,12 +210,12 @@ class TemporalAverage:
         self.clock.lap("averaging")
         with one_thread(out.device.type == "cpu"):  # small operations: see ops.one_thread
             shift = self._register(state, out)
-        if shift is not None:
-            self._move(state, shift)  # whole-frame copies: on all threads where the caller allows them
-        self.clock.lap("registration")
         if shift is None:
+            self.clock.lap("registration")
             self.scene_changes += 1
             return self._restart(position, raw, out)
+        self._move(state, shift)  # whole-frame copies: on all threads where the caller allows them
+        self.clock.lap("registration")
         fy, fx = state.frac
         # the 3x3 raw mean and the denoised frame on the history's grid (the 3x3 mean and its shift in one pass)
         box_h = filter_then_shift(raw, BOX3, BOX3, -fy, -fx, self.torch_only)
@@ -375,6 +375,7 @@ class TemporalAverage:
         for hit in hits:
             changed |= hit
         return changed, [int(torch.count_nonzero(hit)) for hit in hits]
+
 
 def _sample_step(h: int, w: int) -> int:
     """Pixel step of the samples a frame's robust spread is measured on: every 4th, coarser on large
