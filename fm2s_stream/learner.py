@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from .devices import fast_inference_dtype
-from .model import FM2SNet
+from .model import FM2SNet, fused_for_cpu
 from .presets import Preset
 from .training import SCHEDULES, Schedule, Trainer, collapse_for_inference, make_target, random_crops, target_crops
 
@@ -81,7 +81,7 @@ class Learner:
         self.temporal_steps = 0
         self.restores = 0
         self._cold_target: torch.Tensor | None = None  # (1, H, W) target of the cold start's frame
-        self._inference_net: FM2SNet | None = None
+        self._inference_net: torch.nn.Module | None = None
         self._good = self._state()
 
     @property
@@ -144,7 +144,8 @@ class Learner:
         """
         if self._inference_net is None:
             one = collapse_for_inference(self.net).to(self.inference_dtype)
-            self._inference_net = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            one = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self._inference_net = fused_for_cpu(one) if self.device.type == "cpu" else one
         net = self._inference_net
         h, w = unit.shape
         x = unit.to(self.inference_dtype)[None, None]

@@ -1,6 +1,9 @@
+import pytest
 import torch
 
-from fm2s_stream.model import FM2SNet, count_parameters
+from fm2s_stream.learner import Learner, cold_start_schedule
+from fm2s_stream.model import FM2SNet, FusedCPUNet, count_parameters, fused_for_cpu
+from fm2s_stream.presets import get_preset
 from fm2s_stream.training import collapse_for_inference
 
 
@@ -26,3 +29,31 @@ def test_collapsed_network_is_exactly_equivalent():
             one = collapse_for_inference(net)(x)
         assert count_parameters(collapse_for_inference(net)) == 3529
         torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_network_answers_as_the_eager_one(dtype):
+    torch.manual_seed(1)
+    net = FM2SNet(1)
+    with torch.no_grad():  # a strongly negative bias: most pre-activations are below 0, so the slope matters
+        net.body[0].bias.sub_(0.3)
+    net = net.to(dtype).eval()
+    fused = fused_for_cpu(net)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: the eager network is used")
+    assert isinstance(fused, FusedCPUNet)
+    x = torch.rand(2, 1, 45, 61, dtype=dtype)
+    with torch.inference_mode():
+        want, got = net(x).float(), fused(x).float()
+        relu = net.body[4](torch.relu(net.body[2](torch.relu(net.body[0](x))))).float()
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert float((got - want).abs().max()) <= tol, float((got - want).abs().max())
+    if dtype == torch.float32:  # the fused op applies the leaky slope, not a plain ReLU
+        assert float((relu - want).abs().max()) > 100 * float((got - want).abs().max())
+
+
+def test_cpu_learner_answers_with_the_fused_network():
+    learner = Learner(get_preset("widefield"), cold_start_schedule(10), torch.device("cpu"), inference_dtype="float32")
+    learner.infer(torch.rand(32, 32))
+    fused = isinstance(learner._inference_net, FusedCPUNet)
+    assert fused == torch.backends.mkldnn.is_available()
