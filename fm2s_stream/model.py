@@ -52,16 +52,17 @@ class FusedCPUNet(nn.Module):
 
     def __init__(self, net: FM2SNet) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(net.convs())
+        convs = net.convs()
+        self.convs = nn.ModuleList(convs)
+        self._geometry = [(list(c.padding), list(c.stride), list(c.dilation), c.groups) for c in convs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map an (N, n_chan, H, W) batch like the eager network."""
-        last = len(self.convs) - 1
-        for i, conv in enumerate(self.convs):
+        last = len(self._geometry) - 1
+        for i, (conv, (padding, stride, dilation, groups)) in enumerate(zip(self.convs, self._geometry)):
             activation, scalars = ("leaky_relu", [NEGATIVE_SLOPE]) if i < last else ("none", [])
             x = torch.ops.mkldnn._convolution_pointwise(
-                x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-                conv.groups, activation, scalars, "")
+                x, conv.weight, conv.bias, padding, stride, dilation, groups, activation, scalars, "")
         return x
 
 
