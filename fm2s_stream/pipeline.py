@@ -252,7 +252,7 @@ class Pipeline:
                 if cold:  # idle: finish cold starts, the most recently active channel first
                     name = next(reversed(cold))
                     channel, prep = cold[name]
-                    self._learn(channel, prep, Plan(max_steps=10**9), until_ready=True)
+                    self._learn(channel, prep, Plan(max_steps=10**9))
                     if channel.ready:
                         del cold[name]
                 continue
@@ -337,16 +337,17 @@ class Pipeline:
         """Frames per second at which every frame gets its full fine-tune (None until measured)."""
         return self.policy.sustainable_fps()
 
-    def _learn(self, channel: Channel, prep: Prepared, plan: Plan, until_ready: bool = False) -> None:
+    def _learn(self, channel: Channel, prep: Prepared, plan: Plan) -> None:
         """Train by `plan`: until its deadline, its step count or a waiting frame, but at least its
-        guaranteed seconds; with `until_ready`, stop as soon as the cold start is over.
+        guaranteed seconds. A plan made for a cold channel ends with its cold start (what it is owed
+        then lapses): the next frame's plan is a ready channel's.
 
         The guaranteed seconds are owed to the channel and paid in whole steps: a step taken while a
         frame waits is charged against what is owed (a step longer than one frame's share runs on
         every few frames only, so the share stays COLD_SHARE), one taken while none waits is free."""
-        steps, t0 = 0, time.perf_counter()
+        steps, t0, cold = 0, time.perf_counter(), not channel.ready
         owed = self._owed.get(channel.name, 0.0) + plan.at_least_s
-        while steps < plan.max_steps and not (until_ready and channel.ready):
+        while steps < plan.max_steps and not (cold and channel.ready):
             now = time.perf_counter()
             waiting = not self._queue.empty()
             if (waiting or (plan.deadline is not None and now > plan.deadline)) and not (plan.at_least_s and owed > 0):
@@ -366,7 +367,7 @@ class Pipeline:
             if was_ready:
                 self.policy.stepped(time.perf_counter() - now)
         if plan.at_least_s:
-            self._owed[channel.name] = owed
+            self._owed[channel.name] = 0.0 if channel.ready else owed
         with self._lock:
             self.counts["train_steps"] += steps
             self.compute["train_s"] += time.perf_counter() - t0

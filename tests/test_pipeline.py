@@ -56,3 +56,20 @@ def test_a_ready_channel_yields_its_fine_tuning_to_another_channels_unfinished_c
         a_ready = pipe.channels["A"].ready
         yielded = pipe.stats()["counts"]["finetune_yielded"]
     assert a_ready and yielded > 0
+
+
+def test_a_cold_start_plan_ends_with_the_cold_start():
+    # the plan after a cold channel's frame guarantees it a share of the time; once the cold start is
+    # over mid-plan that guarantee used to keep it training (as if fine-tuning, without a deadline)
+    # for as long as no frame came: 131 extra steps in one second at 1024x1024
+    config = PipelineConfig(ChannelConfig(get_preset("confocal"), cold_start_steps=30, cold_start_crop=32,
+                                          finetune_crop=32, average_frames=1), threads=1, max_finetune_steps=2)
+    sink = MemorySink()
+    with Pipeline(config, [sink]) as pipe:
+        pipe.submit(Frame(noisy_frames(1)[0], channel="A", frame_id=0))
+        end = time.monotonic() + 30
+        while not (pipe.channels.get("A") is not None and pipe.channels["A"].ready) and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.5)  # idle: a ready channel without frames does not learn
+        steps = pipe.channels["A"].steps
+    assert steps == 30, f"{steps} steps after a 30-step cold start and no further frame"
