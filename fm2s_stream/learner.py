@@ -26,9 +26,16 @@ from .training import SCHEDULES, Schedule, Trainer, collapse_for_inference, make
 __all__ = ["HALO", "Learner", "cold_start_schedule"]
 
 HALO = 5  # receptive-field radius of the network (5x5, 3x3, 5x5 convolutions): tiles overlap by this
-TILE = 256  # CPU inference tile side, measured fastest (2 cores, bf16): 512^2 whole 13.3 ms, tiles of 128 / 256
-# / 512: 9.5 / 6.8 / 13.6 ms; 1024^2 whole 38.5 ms, tiles 37.4 / 28.2 / 66.0 ms (large frames fall out of cache)
+TILE = 256  # CPU inference tile side, measured fastest on frames up to 512 wide (2 cores, bf16): 512^2 whole
+# 13.3 ms, tiles of 128 / 256 / 512: 9.5 / 6.8 / 13.6 ms (large frames fall out of cache)
 WHOLE_MAX_PIXELS = (TILE + 2 * HALO) ** 2  # CPU frames up to one tile (with its margin) run whole
+# from STRIP_MIN_WIDTH wide, tiles are strips of STRIP_ROWS rows across the frame (up to STRIP_MAX_WIDTH):
+# oneDNN's convolutions run faster on long rows. Fused network, 2 cores: 1024^2 in 256^2 tiles 28.9-30.4 ms,
+# in 128 x 1024 strips 23.1-25.7 (64 / 96 / 176 / 256 rows: 27.7-29.1 / 25.9 / 24.5 / 25.2); 2048^2
+# 106-120 vs 97-101 ms; at 512^2 strips are slower (10.5-11.9 vs 9.7 ms)
+STRIP_MIN_WIDTH = 1024
+STRIP_MAX_WIDTH = 2048
+STRIP_ROWS = 128
 # stage 1 of a cold start runs on the full frame up to this side, on such crops beyond. 256 costs a quarter
 # of 512's step (a 512x512 step blocked frames for 50-200 ms) for the same result: generic start, 100
 # steps, 12 dev FMD images + 2 synthetic scenes, seed 0: 32.877 / 32.557 dB (256) vs 32.873 / 32.507 (512)
@@ -135,10 +142,10 @@ class Learner:
         """The network's answer for a (H, W) [0, 1] frame on the device, float32 (H, W), mapped by
         gain * answer + offset (back to camera units, in each tile while it is in cache).
 
-        On the CPU frames larger than a tile are run tile by tile, each with a HALO-pixel margin of
-        frame around it (the network's receptive field; at the frame's edges the convolutions pad as
-        they do on the whole frame), so the result is the whole-frame answer, computed in cache. The
-        tiles run on as many threads as torch has, one torch thread each: whole tiles in parallel
+        On the CPU frames larger than a tile are run tile by tile (square tiles, or strips across
+        frames from STRIP_MIN_WIDTH wide), each with a HALO-pixel margin of frame around it (the
+        network's receptive field; at the frame's edges the convolutions pad as they do on the whole
+        frame), so the result is the whole-frame answer. The tiles run on as many threads as torch has, one torch thread each: whole tiles in parallel
         instead of every convolution split across cores and waiting for both (measured at 512x512:
         8.3 vs 17.7 ms; 1024x1024: 26.4 vs 30.2 ms). On a GPU the whole frame runs at once.
         """
@@ -154,16 +161,20 @@ class Learner:
                 return net(x.contiguous(memory_format=torch.channels_last))[0, 0].float() * gain + offset
         out = torch.empty((h, w), dtype=torch.float32)
 
+        rows, cols = TILE, TILE
+        if w >= STRIP_MIN_WIDTH:  # strips across the frame, in equal pieces where it is wider than the maximum
+            rows, cols = STRIP_ROWS, math.ceil(w / math.ceil(w / STRIP_MAX_WIDTH))
+
         def run(tile: tuple[int, int]) -> None:
             y, x0 = tile
-            y1, x1 = min(h, y + TILE), min(w, x0 + TILE)
+            y1, x1 = min(h, y + rows), min(w, x0 + cols)
             ya, xa = max(0, y - HALO), max(0, x0 - HALO)
             with torch.inference_mode():
                 part = net(x[:, :, ya : min(h, y1 + HALO), xa : min(w, x1 + HALO)].contiguous())
                 window = part[0, 0, y - ya : y - ya + y1 - y, x0 - xa : x0 - xa + x1 - x0]
                 torch.add(window.float().mul_(gain), offset, out=out[y:y1, x0:x1])
 
-        tiles = [(y, x0) for y in range(0, h, TILE) for x0 in range(0, w, TILE)]
+        tiles = [(y, x0) for y in range(0, h, rows) for x0 in range(0, w, cols)]
         threads = torch.get_num_threads()
         if threads == 1:
             for tile in tiles:

@@ -109,6 +109,10 @@ def test_tiled_cpu_inference_is_the_whole_frame_answer():
         whole = learner._inference_net(unit[None, None])[0, 0]  # type: ignore[misc]
     np.testing.assert_allclose(tiled.numpy(), whole.numpy(), atol=1e-5)
     np.testing.assert_allclose(learner.infer(unit, 3000.0, 100.0).numpy(), whole.numpy() * 3000 + 100, rtol=1e-5)
+    strips = torch.from_numpy(RNG.uniform(0, 1, (300, 2100)).astype(np.float32))  # strips of 128 x 1050
+    with torch.inference_mode():
+        whole = learner._inference_net(strips[None, None])[0, 0]  # type: ignore[misc]
+    np.testing.assert_allclose(learner.infer(strips).numpy(), whole.numpy(), atol=1e-5)
     small = unit[:64, :64]  # one tile: the whole-frame path
     np.testing.assert_allclose(learner.infer(small, 2.0, -1.0).numpy(), 2 * learner.infer(small).numpy() - 1, atol=1e-5)
 
