@@ -145,9 +145,10 @@ class Learner:
         On the CPU frames larger than a tile are run tile by tile (square tiles, or strips across
         frames from STRIP_MIN_WIDTH wide), each with a HALO-pixel margin of frame around it (the
         network's receptive field; at the frame's edges the convolutions pad as they do on the whole
-        frame), so the result is the whole-frame answer. The tiles run on as many threads as torch has, one torch thread each: whole tiles in parallel
-        instead of every convolution split across cores and waiting for both (measured at 512x512:
-        8.3 vs 17.7 ms; 1024x1024: 26.4 vs 30.2 ms). On a GPU the whole frame runs at once.
+        frame), so the result is the whole-frame answer. The tiles run on as many threads as torch
+        has, one torch thread each: whole tiles in parallel instead of every convolution split across
+        cores and waiting for both (measured at 512x512: 8.3 vs 17.7 ms; 1024x1024: 26.4 vs 30.2 ms).
+        On a GPU the whole frame runs at once.
         """
         if self._inference_net is None:
             one = collapse_for_inference(self.net).to(self.inference_dtype)
