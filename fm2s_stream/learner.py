@@ -21,7 +21,16 @@ import torch
 from .devices import fast_inference_dtype
 from .model import FM2SNet, fused_for_cpu
 from .presets import Preset
-from .training import SCHEDULES, Schedule, Trainer, collapse_for_inference, make_target, random_crops, target_crops
+from .training import (
+    SCHEDULES,
+    Schedule,
+    Trainer,
+    collapse_for_inference,
+    collapsed_parameters,
+    make_target,
+    random_crops,
+    target_crops,
+)
 
 __all__ = ["HALO", "Learner", "cold_start_schedule"]
 
@@ -89,6 +98,7 @@ class Learner:
         self.restores = 0
         self._cold_target: torch.Tensor | None = None  # (1, H, W) target of the cold start's frame
         self._inference_net: torch.nn.Module | None = None
+        self._stale = True  # the inference copy lags the network (refreshed, in place, before the next answer)
         self._good = self._state()
 
     @property
@@ -123,7 +133,7 @@ class Learner:
         if not load_generic(self.net):
             return False
         self.answer_from = min(self.answer_from, GENERIC_ANSWER_STEPS)
-        self._inference_net = None
+        self._stale = True
         self.snapshot()
         return True
 
@@ -133,7 +143,7 @@ class Learner:
             return False
         self.net.load_state_dict(other.net.state_dict())
         self.steps = max(self.steps, other.steps if other.ready else 0)
-        self._inference_net = None
+        self._stale = True
         self.snapshot()
         return True
 
@@ -150,11 +160,7 @@ class Learner:
         cores and waiting for both (measured at 512x512: 8.3 vs 17.7 ms; 1024x1024: 26.4 vs 30.2 ms).
         On a GPU the whole frame runs at once.
         """
-        if self._inference_net is None:
-            one = collapse_for_inference(self.net).to(self.inference_dtype)
-            one = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            self._inference_net = fused_for_cpu(one) if self.device.type == "cpu" else one
-        net = self._inference_net
+        net = self._answering_net()
         h, w = unit.shape
         x = unit.to(self.inference_dtype)[None, None]
         if self.device.type != "cpu" or h * w <= WHOLE_MAX_PIXELS:
@@ -188,6 +194,20 @@ class Learner:
         finally:
             torch.set_num_threads(threads)
         return out
+
+    def _answering_net(self) -> torch.nn.Module:
+        """The collapsed network in the inference dtype and layout (fused on the CPU). Built once;
+        after learning its weights are overwritten in place (0.1 instead of 1.7 ms per step at 1024)."""
+        if self._inference_net is None:
+            one = collapse_for_inference(self.net).to(self.inference_dtype)
+            one = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self._inference_net = fused_for_cpu(one) if self.device.type == "cpu" else one
+        elif self._stale:
+            with torch.no_grad():
+                for dst, src in zip(self._inference_net.parameters(), collapsed_parameters(self.net), strict=True):
+                    dst.copy_(src)
+        self._stale = False
+        return self._inference_net
 
     # -- learning ----------------------------------------------------------------------------------
     def cold_step(self, unit: torch.Tensor) -> float:
@@ -231,15 +251,16 @@ class Learner:
             self.restore()
             return loss
         self.steps += 1
-        self._inference_net = None
+        self._stale = True
         if self.steps % self.snapshot_every == 0:
             self.snapshot()
         return loss
 
     # -- persistent state --------------------------------------------------------------------------
     def tensors(self) -> dict[str, object]:
-        """What the network has learnt: weights, optimiser moments (CPU copies), step counts."""
-        return {"net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+        """What the network has learnt: weights, optimiser moments (CPU copies, which later steps leave
+        alone), step counts."""
+        return {"net": {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()},
                 "opt": self.trainer.optimizer_record(),
                 "steps": self.steps, "temporal_steps": self.temporal_steps, "answer_from": self.answer_from}
 
@@ -256,7 +277,7 @@ class Learner:
             self.trainer.optimizer.load_state_dict(self._good[1])
             raise
         self.steps, self.temporal_steps, self.answer_from = steps, temporal_steps, answer_from
-        self._inference_net = None
+        self._stale = True
         self._cold_target = None
         self.snapshot()
 
@@ -272,5 +293,5 @@ class Learner:
         """Go back to the last good state (after a failed or diverging step)."""
         self.net.load_state_dict(self._good[0])
         self.trainer.optimizer.load_state_dict(self._good[1])
-        self._inference_net = None
+        self._stale = True
         self.restores += 1

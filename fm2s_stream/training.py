@@ -29,6 +29,7 @@ __all__ = [
     "Trainer",
     "as_batch",
     "collapse_for_inference",
+    "collapsed_parameters",
     "infer",
     "make_target",
     "random_crops",
@@ -185,7 +186,7 @@ class Trainer:
     def optimizer_record(self) -> dict[str, object]:
         """Adam's moments (CPU copies) and parameter groups: what `load_optimizer` takes back."""
         opt = self.optimizer.state_dict()
-        state = {k: {n: t.detach().cpu() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+        state = {k: {n: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t for n, t in v.items()}
                  for k, v in opt["state"].items()}
         return {"state": state, "param_groups": opt["param_groups"]}
 
@@ -293,23 +294,27 @@ class Trainer:
         return TrainReport(self.steps, first, last)
 
 
-def collapse_for_inference(net: FM2SNet) -> FM2SNet:
-    """An exactly equivalent 1-channel network for inference.
+def collapsed_parameters(net: FM2SNet) -> list[torch.Tensor]:
+    """The parameters of the 1-channel network exactly equivalent to `net` for inference, in the
+    order of `FM2SNet(1).parameters()`.
 
     The input channels are identical replicas and the output is their mean, so the first conv's
     weights can be summed over input channels and the last conv's averaged over output channels:
     inference then costs the same for every n_chan.
     """
-    one = FM2SNet(1).to(next(net.parameters()).device)
-    src, dst = net.convs(), one.convs()
-    first_in, first_out, last_in, last_out = src[0].bias, dst[0].bias, src[2].bias, dst[2].bias
-    assert first_in is not None and first_out is not None and last_in is not None and last_out is not None
+    (w0, b0), (w1, b1), (w2, b2) = ((c.weight, c.bias) for c in net.convs())
+    assert b0 is not None and b1 is not None and b2 is not None
     with torch.no_grad():
-        dst[0].weight.copy_(src[0].weight.sum(dim=1, keepdim=True))
-        first_out.copy_(first_in)
-        dst[1].load_state_dict(src[1].state_dict())
-        dst[2].weight.copy_(src[2].weight.mean(dim=0, keepdim=True))
-        last_out.copy_(last_in.mean().reshape(1))
+        return [w0.sum(dim=1, keepdim=True), b0.clone(), w1.clone(), b1.clone(), w2.mean(dim=0, keepdim=True),
+                b2.mean().reshape(1)]
+
+
+def collapse_for_inference(net: FM2SNet) -> FM2SNet:
+    """An exactly equivalent 1-channel network for inference (see `collapsed_parameters`)."""
+    one = FM2SNet(1).to(next(net.parameters()).device)
+    with torch.no_grad():
+        for dst, src in zip(one.parameters(), collapsed_parameters(net), strict=True):
+            dst.copy_(src)
     return one.eval()
 
 

@@ -57,3 +57,25 @@ def test_cpu_learner_answers_with_the_fused_network():
     learner.infer(torch.rand(32, 32))
     fused = isinstance(learner._inference_net, FusedCPUNet)
     assert fused == torch.backends.mkldnn.is_available()
+
+
+def test_the_answering_network_follows_every_step_restore_and_load():
+    learner = Learner(get_preset("confocal"), cold_start_schedule(6), torch.device("cpu"), inference_dtype="float32")
+    unit = torch.rand(48, 48)
+
+    def fresh() -> torch.Tensor:  # the network as a newly built inference copy answers
+        with torch.inference_mode():
+            return fused_for_cpu(collapse_for_inference(learner.net))(unit[None, None])[0, 0]
+
+    first = learner.infer(unit)
+    torch.testing.assert_close(first, fresh(), atol=1e-6, rtol=1e-6)
+    while not learner.ready:
+        learner.cold_step(unit)
+    learner.finetune_step(unit)
+    moved = learner.infer(unit)
+    assert float((moved - first).abs().max()) > 1e-4  # the steps changed the answer ...
+    torch.testing.assert_close(moved, fresh(), atol=1e-6, rtol=1e-6)  # ... and it is the network's
+    state = learner.tensors()
+    learner.finetune_step(unit)
+    learner.load_tensors(state)
+    torch.testing.assert_close(learner.infer(unit), moved, atol=1e-6, rtol=1e-6)
