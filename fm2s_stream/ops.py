@@ -225,14 +225,42 @@ def _median_of_ranks(ranks: np.ndarray, n_levels: int, size: int, h: int, w: int
     return out
 
 
+@numba.njit(inline="always")
+def _med3(a: float, b: float, c: float) -> float:  # pragma: no cover - compiled
+    return max(min(a, b), min(max(a, b), c))
+
+
+@numba.njit(parallel=True, cache=True)
+def _median3(padded: np.ndarray, h: int, w: int) -> np.ndarray:  # pragma: no cover - compiled
+    """3x3 median, branch-free: each of the 3 columns sorted, then the median of the lows' maximum,
+    the middles' median and the highs' minimum (exactly the median of the 9). The sliding histogram
+    walks across the empty bins between sparse levels instead: a training crop's window 3.6 ms."""
+    out = np.empty((h, w), padded.dtype)
+    for i in numba.prange(h):
+        r0, r1, r2 = padded[i], padded[i + 1], padded[i + 2]
+        for j in range(w):
+            a0, b0, c0 = r0[j], r1[j], r2[j]
+            a1, b1, c1 = r0[j + 1], r1[j + 1], r2[j + 1]
+            a2, b2, c2 = r0[j + 2], r1[j + 2], r2[j + 2]
+            lows = max(min(a0, b0, c0), min(a1, b1, c1), min(a2, b2, c2))
+            highs = min(max(a0, b0, c0), max(a1, b1, c1), max(a2, b2, c2))
+            mids = _med3(_med3(a0, b0, c0), _med3(a1, b1, c1), _med3(a2, b2, c2))
+            out[i, j] = _med3(lows, mids, highs)
+    return out
+
+
 def _host_median(img: np.ndarray, size: int) -> np.ndarray:
     """scipy's median_filter(mode="reflect"), exactly; ~15x faster on camera frames (few distinct values).
 
     Measured at 512x512, 11x11 (2-core CPU): 8-bit-like 15 ms vs scipy's 360 ms, 16-bit-like 26 vs 382;
     2048x2048 16-bit 309 ms vs 6.1 s. Frames of more distinct values than HIST_MEDIAN_MAX_LEVELS go to scipy.
+    3x3 windows (the confocal, two-photon and auto presets) take the branch-free `_median3`: 1024x1024
+    float32 0.9 ms, a fine-tune step (two 96x96 crops) 14.9 -> 5.8 ms.
     """
     r = size // 2
     padded = np.pad(img, r, mode="symmetric")
+    if size == 3 and padded.dtype.kind in "fiu":
+        return _median3(padded, *img.shape)  # type: ignore[no-any-return]
     levels, ranks = np.unique(padded, return_inverse=True)
     if len(levels) > HIST_MEDIAN_MAX_LEVELS:
         return ndimage.median_filter(img, size=size, mode="reflect")  # type: ignore[no-any-return]

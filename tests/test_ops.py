@@ -58,12 +58,13 @@ def test_median_is_scipys_in_torch_too(size):
     np.testing.assert_array_equal(ops.median(IMG, size).numpy(), ops.median(IMG, size, torch_only=True).numpy())
 
 
-@pytest.mark.parametrize("shape", [(67, 91), (5, 7), (1, 30), (12, 3)])
-@pytest.mark.parametrize("levels", [40, 4000])
-def test_histogram_median_is_scipys_exactly(shape, levels):
-    img = (RNG.integers(0, levels, shape) / levels).astype(np.float32)
-    got = ops.median(torch.from_numpy(img), 11).numpy()
-    np.testing.assert_array_equal(got, ndimage.median_filter(img, 11, mode="reflect"))
+@pytest.mark.parametrize("shape", [(67, 91), (5, 7), (1, 30), (12, 3), (2, 2)])
+@pytest.mark.parametrize("levels", [3, 40, 4000, None])  # None: every value distinct
+@pytest.mark.parametrize("size", [3, 11])  # the branch-free 3x3 kernel and the sliding histogram
+def test_cpu_median_is_scipys_exactly(shape, levels, size):
+    img = (RNG.random(shape) if levels is None else RNG.integers(0, levels, shape) / levels).astype(np.float32)
+    got = ops.median(torch.from_numpy(img), size).numpy()
+    np.testing.assert_array_equal(got, ndimage.median_filter(img, size, mode="reflect"))
 
 
 @pytest.mark.parametrize(("shape", "sigma"), [((37, 53), 8.0), ((64, 80), 16.0), ((1030, 1019), 8.0)])
