@@ -9,12 +9,13 @@ Publish first, learn after. After each answer the pipeline asks `plan` and train
 - a channel whose network already answers while its cold start goes on (the generic start) keeps
   that share only while no frame waits: its answers are already the network's, so a queue is
   drained first;
-- a ready channel fine-tunes while one step plus one answer still fits the budget and no frame waits,
-  at most `max_finetune_steps`; an estimate found over budget decays so that a one-off slow step
-  (kernel set-up, a busy moment) does not switch fine-tuning off for good. Where frames come at a
-  steady rate (a camera), a step starts only if it should end before the next frame is due, give or
-  take NEXT_FRAME_SLACK of a step: a frame arriving mid-step would wait for it, and that wait is
-  most of the latency beyond the answer itself. The next frame is due one median interval (over the
+- a ready channel fine-tunes while no frame waits, at most `max_finetune_steps`, if the wait a step
+  can cause the next frame plus one answer fits the budget: a whole step where frames may come at
+  any moment; where they come at a steady rate (a camera), a step starts only if it should end
+  before the next frame is due, give or take NEXT_FRAME_SLACK of a step, so that share of a step (a
+  frame arriving mid-step waits for it, most of the latency beyond the answer itself). An estimate
+  found over budget decays so that a one-off slow step (kernel set-up, a busy moment) does not
+  switch fine-tuning off for good. The next frame is due one median interval (over the
   last PERIOD_FRAMES) after its channel's last one; channels that went quiet do not count;
 - under backlog a ready channel does not learn at all (counted as `finetune_skipped`).
 Costs are smoothed with exponential moving averages (COST_MEMORY of the old value kept).
@@ -108,11 +109,13 @@ class LatencyPolicy:
             return Plan(max_steps=10**9, deadline=received + self.budget_s, at_least_s=share)
         if backlog > 0 or self.max_finetune_steps <= 0:
             return Plan(0, skipped=self.max_finetune_steps > 0)
-        if (self.step_s + self.answer_s) <= self.budget_s:
-            # a frame arriving mid-step waits at most one step: steps stop as soon as a frame waits,
-            # and, where the next frame's arrival is known, start only if they should end by then
-            due = self.next_arrival(received + answer_seconds)
-            if due is None or not self.step_s:
+        # the most a step adds to the next frame's latency: all of it when that frame may come at any
+        # moment (steps then stop as soon as it waits); where its arrival is known, steps start only if
+        # they should end by then, give or take NEXT_FRAME_SLACK of a step
+        due = self.next_arrival(received + answer_seconds) if self.step_s else None
+        wait = self.step_s if due is None else NEXT_FRAME_SLACK * self.step_s
+        if wait + self.answer_s <= self.budget_s:
+            if due is None:
                 return Plan(self.max_finetune_steps)
             return Plan(self.max_finetune_steps, deadline=due + (NEXT_FRAME_SLACK - 1) * self.step_s)
         self.step_s *= OVER_BUDGET_DECAY

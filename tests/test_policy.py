@@ -74,6 +74,27 @@ def test_steps_start_only_if_they_end_about_when_the_next_frame_is_due():
     assert plan.deadline == pytest.approx(last + 0.05 - (1 - NEXT_FRAME_SLACK) * 0.016)
 
 
+def test_a_known_frame_rate_bounds_the_wait_a_step_causes_by_its_deadline_not_by_a_whole_step():
+    # 1024x1024 at 20 fps on 2 cores: answers of 45 ms and steps of 6 ms. A frame arriving at any
+    # moment could wait a whole step (45 + 6 > 50: no step); a camera's next frame waits at most
+    # NEXT_FRAME_SLACK of one, which fits
+    unknown = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    unknown.answered(0.045)
+    unknown.stepped(0.006)
+    assert unknown.plan(10.0, backlog=0, ready=True, answer_seconds=0.045).skipped
+    camera = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    camera.answered(0.045)
+    camera.stepped(0.006)
+    last = _camera(camera, "a", 10.0, 0.05, 6)
+    plan = camera.plan(last, backlog=0, ready=True, answer_seconds=0.045)
+    assert plan.max_steps == 8 and plan.deadline == pytest.approx(last + 0.05 - (1 - NEXT_FRAME_SLACK) * 0.006)
+    slow = LatencyPolicy(budget_ms=50, max_finetune_steps=8)  # an answer alone over budget: no steps either way
+    slow.answered(0.049)
+    slow.stepped(0.006)
+    last = _camera(slow, "a", 10.0, 0.05, 6)
+    assert slow.plan(last, backlog=0, ready=True, answer_seconds=0.049).skipped
+
+
 def test_the_next_frame_is_the_earliest_due_and_quiet_channels_do_not_count():
     policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
     _camera(policy, "a", 10.0, 0.05, 6)  # last at 10.25
