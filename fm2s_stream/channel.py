@@ -274,8 +274,10 @@ class Channel:
         self.learner.restore()
 
     def maintain(self, prep: Prepared) -> bool:
-        """Periodic work after the answer: every `recalibrate_every` frames, re-estimate the noise on a
-        bounded central crop and move a third of the way there (log domain). True if it ran."""
+        """Work after the answer: the post-processing's deferred work; every `recalibrate_every` frames,
+        re-estimate the noise on a bounded central crop and move a third of the way there (log
+        domain). True if that recalibration ran."""
+        self.post.between_frames()
         if self.base is None or self.frames_seen % self.config.recalibrate_every:
             return False
         crop = _central(prep.raw, CALIBRATION_SIDE)

@@ -54,6 +54,10 @@ class PostProcess:
             self.clock.lap("averaging")
         return result
 
+    def between_frames(self) -> None:
+        """The chain's deferred work (the average's noise refit), for the time after an answer is out."""
+        self.average.between_frames()
+
     def reset(self) -> None:
         """Forget the history (a shape change)."""
         self.average.reset()

@@ -69,3 +69,20 @@ def test_average_follows_a_drifting_stage_instead_of_smearing_it():
                     counts.append(n)
     assert np.mean(counts) > 6  # registered: the history is kept ...
     assert np.mean(scores[True]) > np.mean(scores[False]) + 2  # ... and sharp, where unregistered it smears
+
+
+def test_the_noise_refit_waits_for_the_time_between_frames_and_is_never_lost():
+    lapse = TimeLapse((128, 128), CAMERA, seed=4, peak=60, background=3)  # a still field
+    frames = [tuple(torch.from_numpy(a.astype(np.float32)) for a in lapse.frame(t)) for t in range(6)]
+    avg, noises = TemporalAverage(8), []
+    for raw, truth in frames:
+        avg.apply(raw, truth)
+        after_answer = avg.noise
+        avg.between_frames()
+        noises.append((after_answer, avg.noise))
+    # from the second (static) frame on, each answer leaves a refit for later; between_frames does it
+    assert all(answered != refitted for answered, refitted in noises[1:]), noises
+    lazy = TemporalAverage(8)  # nobody calls between_frames: the next apply refits first
+    for raw, truth in frames[:3]:
+        lazy.apply(raw, truth)
+    assert lazy.noise == noises[1][1]
