@@ -54,6 +54,11 @@ class PostProcess:
             self.clock.lap("averaging")
         return result
 
+    @property
+    def measured_shift(self) -> tuple[float, float] | None:
+        """The latest frame's registered shift from its position's previous frame (None: not measured)."""
+        return self.average.measured_shift
+
     def between_frames(self) -> None:
         """The chain's deferred work (the average's noise refit), for the time after an answer is out."""
         self.average.between_frames()

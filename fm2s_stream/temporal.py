@@ -171,6 +171,9 @@ class TemporalAverage:
         self.frames = 0
         self.scene_changes = 0
         self.last_shift: tuple[float, float] = (0.0, 0.0)
+        # the latest frame's shift from its position's previous frame (cur[y] ~ prev[y - shift]) where
+        # registration measured it, else None (no history, a scene change, registration off)
+        self.measured_shift: tuple[float, float] | None = None
         self.spread: dict[str, float] = {}  # per scale: robust std of the normalised difference, static frames
         self._noise_sample: tuple[np.ndarray, np.ndarray] | None = None  # taken on a frame, fitted after it
         self._states: dict[tuple[int, int], _State] = {}
@@ -207,6 +210,7 @@ class TemporalAverage:
     ]:
         """(averaged denoised frame, float32 on its device; mean number of frames averaged per pixel)."""
         out = denoised.float()
+        self.measured_shift = None
         if self.max_frames == 1:
             return out, 1.0
         self.between_frames()
@@ -289,6 +293,8 @@ class TemporalAverage:
     def _move(self, state: _State, shift: tuple[float, float]) -> None:
         """Bring the history to the current frame: whole pixels by copying, the fraction kept in `frac`."""
         self.last_shift = shift  # history pixel j shows the current frame's position j + shift
+        if self.motion:  # the history showed the previous frame's position j + its frac
+            self.measured_shift = (shift[0] - state.frac[0], shift[1] - state.frac[1])
         whole = (round(shift[0]), round(shift[1]))
         frac = tuple(0.0 if abs(t - n) < SNAP else t - n for t, n in zip(shift, whole))
         state.frac = (float(frac[0]), float(frac[1]))

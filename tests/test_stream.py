@@ -11,6 +11,7 @@ import zmq
 
 from fm2s_stream.demo import free_port
 from fm2s_stream.frame import Frame
+from fm2s_stream.synthetic import Camera, TimeLapse
 from tests.streamkit import OUTSIDE, Client, fault_row, noisy_frames, serve_command, start_service
 
 pytestmark = pytest.mark.slow
@@ -188,6 +189,33 @@ def test_registration_follows_a_panning_stage_and_the_guard_rejects_a_new_scene(
     np.testing.assert_allclose(pair[0].numpy(), pair[1].numpy(), atol=0.4)
     other = ndimage.gaussian_filter(rng.uniform(0, 1, (256, 256)), 3) * 4
     assert aligned_pair(t(a), t(other), threshold=3.0) is None
+    # the temporal average's registration of the two frames, where it ran, is taken as it is (rounded)
+    given = aligned_pair(t(a), t(b), threshold=3.0, shift=(-8.2, -4.9))  # a[y] ~ b[y - shift]
+    assert given is not None and given[0].shape == (248, 251)
+    np.testing.assert_array_equal(given[0].numpy(), pair[0].numpy())
+    assert aligned_pair(t(a), t(b), threshold=3.0, shift=(2.0, -3.0)) is None  # a wrong one: the guard
+
+
+def test_the_temporal_average_reports_the_shift_it_registered():
+    from fm2s_stream.registration import subpixel_shift
+    from fm2s_stream.temporal import TemporalAverage
+
+    lapse = TimeLapse((128, 128), Camera(gain=2.0, read_noise=2.0, offset=100.0), seed=5, drift=(0.9, -0.6),
+                      peak=60, background=3)
+    avg = TemporalAverage(8)
+    measured, truths = [], []
+    for t in range(4):
+        raw, truth = lapse.frame(t)
+        truths.append(torch.from_numpy(truth.astype(np.float32)))
+        avg.apply(torch.from_numpy(raw.astype(np.float32)), truths[-1])
+        measured.append(avg.measured_shift)
+    assert measured[0] is None  # no history yet
+    for t in range(1, 4):  # aligned_pair's convention: cur[y] ~ prev[y - shift]
+        true = subpixel_shift(truths[t], truths[t - 1])
+        got = measured[t]
+        assert true is not None and got is not None and abs(true[0]) + abs(true[1]) > 0.5
+        assert abs(got[0] - true[0]) < 0.1 and abs(got[1] - true[1]) < 0.1, (t, got, true)
+    assert TemporalAverage(8, motion=False).measured_shift is None
 
 
 def test_serve_to_ome_zarr_sigkill_keeps_every_acknowledged_frame_and_a_clean_stop_finalises(tmp_path):
