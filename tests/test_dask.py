@@ -56,10 +56,13 @@ def test_a_killed_worker_still_leaves_a_complete_identical_ome_zarr(tmp_path):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+    # the environment's own dask command (beside this python: the venv need not be activated)
+    beside = Path(sys.executable).with_name("dask")
+    dask = str(beside) if beside.exists() else "dask"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUTSIDE, env=env)]
     time.sleep(1.5)
-    workers = [subprocess.Popen(["dask", "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+    workers = [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
                                  "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=OUTSIDE, env=env) for _ in range(2)]
     procs += workers
