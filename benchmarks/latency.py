@@ -55,15 +55,12 @@ def reference_seconds(size: int, n_chan: int, threads: int) -> float:
 def network_limit_ms(size: int, device: str, threads: int) -> float:
     """Milliseconds the network's arithmetic needs at size x size at the best rate measured on this device."""
     from fm2s_stream.devices import fast_inference_dtype
-    from fm2s_stream.model import fused_for_cpu
-    from fm2s_stream.training import collapse_for_inference
+    from fm2s_stream.learner import answering_copy
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
     dtype = fast_inference_dtype(dev)
-    net = collapse_for_inference(FM2SNet(2).to(dev)).to(dtype).to(memory_format=torch.channels_last)
-    if dev.type == "cpu":
-        net = fused_for_cpu(net)  # the network as the engine runs it there
+    net = answering_copy(FM2SNet(2).to(dev), dtype, dev)  # the network as the engine runs it
     flop_per_px = 2 * sum(p.numel() for n_, p in net.named_parameters() if n_.endswith("weight"))
     tile = 256 if dev.type == "cpu" else 2048
     x = torch.rand(1, 1, tile, tile, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)

@@ -32,7 +32,7 @@ from .training import (
     target_crops,
 )
 
-__all__ = ["HALO", "Learner", "cold_start_schedule"]
+__all__ = ["HALO", "Learner", "answering_copy", "cold_start_schedule"]
 
 HALO = 5  # receptive-field radius of the network (5x5, 3x3, 5x5 convolutions): tiles overlap by this
 TILE = 256  # CPU inference tile side, measured fastest on frames up to 512 wide (2 cores, bf16): 512^2 whole
@@ -63,6 +63,13 @@ def _tile_pool() -> ThreadPoolExecutor:
             _TILE_POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()),
                                             thread_name_prefix="fm2s-tile")
         return _TILE_POOL
+
+
+def answering_copy(net: FM2SNet, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The network as `Learner.infer` runs it: collapsed to one channel, in `dtype`, channels-last,
+    and on the CPU fused (`fused_for_cpu`)."""
+    one = collapse_for_inference(net).to(dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return fused_for_cpu(one) if device.type == "cpu" else one
 
 
 def cold_start_schedule(steps: int, crop: int | None = None) -> Schedule:
@@ -199,9 +206,7 @@ class Learner:
         """The collapsed network in the inference dtype and layout (fused on the CPU). Built once;
         after learning its weights are overwritten in place (0.1 instead of 1.7 ms per step at 1024)."""
         if self._inference_net is None:
-            one = collapse_for_inference(self.net).to(self.inference_dtype)
-            one = one.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            self._inference_net = fused_for_cpu(one) if self.device.type == "cpu" else one
+            self._inference_net = answering_copy(self.net, self.inference_dtype, self.device)
         elif self._stale:
             with torch.no_grad():
                 for dst, src in zip(self._inference_net.parameters(), collapsed_parameters(self.net), strict=True):

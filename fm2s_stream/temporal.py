@@ -170,7 +170,6 @@ class TemporalAverage:
         self.noise: tuple[float, float] | None = None  # (a, b): variance of the 3x3 raw mean = a * level + b
         self.frames = 0
         self.scene_changes = 0
-        self.last_shift: tuple[float, float] = (0.0, 0.0)
         # the latest frame's shift from its position's previous frame (cur[y] ~ prev[y - shift]) where
         # registration measured it, else None (no history, a scene change, registration off)
         self.measured_shift: tuple[float, float] | None = None
@@ -292,8 +291,9 @@ class TemporalAverage:
 
     def _move(self, state: _State, shift: tuple[float, float]) -> None:
         """Bring the history to the current frame: whole pixels by copying, the fraction kept in `frac`."""
-        self.last_shift = shift  # history pixel j shows the current frame's position j + shift
-        if self.motion:  # the history showed the previous frame's position j + its frac
+        # history pixel j shows the current frame's position j + shift, and showed the previous frame's
+        # position j + its frac
+        if self.motion:
             self.measured_shift = (shift[0] - state.frac[0], shift[1] - state.frac[1])
         whole = (round(shift[0]), round(shift[1]))
         frac = tuple(0.0 if abs(t - n) < SNAP else t - n for t, n in zip(shift, whole))

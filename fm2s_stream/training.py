@@ -296,7 +296,7 @@ class Trainer:
 
 def collapsed_parameters(net: FM2SNet) -> list[torch.Tensor]:
     """The parameters of the 1-channel network exactly equivalent to `net` for inference, in the
-    order of `FM2SNet(1).parameters()`.
+    order of `FM2SNet(1).parameters()` (the middle conv's are `net`'s own: copy them, do not keep them).
 
     The input channels are identical replicas and the output is their mean, so the first conv's
     weights can be summed over input channels and the last conv's averaged over output channels:
@@ -305,7 +305,7 @@ def collapsed_parameters(net: FM2SNet) -> list[torch.Tensor]:
     (w0, b0), (w1, b1), (w2, b2) = ((c.weight, c.bias) for c in net.convs())
     assert b0 is not None and b1 is not None and b2 is not None
     with torch.no_grad():
-        return [w0.sum(dim=1, keepdim=True), b0.clone(), w1.clone(), b1.clone(), w2.mean(dim=0, keepdim=True),
+        return [w0.sum(dim=1, keepdim=True), b0.detach(), w1.detach(), b1.detach(), w2.mean(dim=0, keepdim=True),
                 b2.mean().reshape(1)]
 
 
