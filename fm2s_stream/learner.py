@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from .devices import fast_inference_dtype
-from .model import FM2SNet, fused_for_cpu
+from .model import FM2SNet, fused_for_cpu, load_answering
 from .presets import Preset
 from .training import (
     SCHEDULES,
@@ -208,9 +208,7 @@ class Learner:
         if self._inference_net is None:
             self._inference_net = answering_copy(self.net, self.inference_dtype, self.device)
         elif self._stale:
-            with torch.no_grad():
-                for dst, src in zip(self._inference_net.parameters(), collapsed_parameters(self.net), strict=True):
-                    dst.copy_(src)
+            load_answering(self._inference_net, collapsed_parameters(self.net))
         self._stale = False
         return self._inference_net
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fm2s_stream.learner import Learner, cold_start_schedule
-from fm2s_stream.model import FM2SNet, FusedCPUNet, count_parameters, fused_for_cpu
+from fm2s_stream.model import FM2SNet, FusedCPUNet, PaddedCPUNet, count_parameters, fused_for_cpu, load_answering
 from fm2s_stream.presets import get_preset
 from fm2s_stream.training import collapse_for_inference
 
@@ -41,7 +41,11 @@ def test_fused_cpu_network_answers_as_the_eager_one(dtype):
     fused = fused_for_cpu(net)
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN: the eager network is used")
-    assert isinstance(fused, FusedCPUNet)
+    if dtype == torch.bfloat16 and fused is net:
+        with pytest.raises(RuntimeError, match="bf16"):  # the only reason to fall back: the CPU lacks bf16
+            FusedCPUNet(net)(torch.rand(1, 1, 8, 8, dtype=dtype))
+        pytest.skip("this CPU has no bfloat16 convolutions: the eager network is used")
+    assert isinstance(fused, PaddedCPUNet if dtype == torch.float32 else FusedCPUNet)
     x = torch.rand(2, 1, 45, 61, dtype=dtype)
     with torch.inference_mode():
         want, got = net(x).float(), fused(x).float()
@@ -52,10 +56,31 @@ def test_fused_cpu_network_answers_as_the_eager_one(dtype):
         assert float((relu - want).abs().max()) > 100 * float((got - want).abs().max())
 
 
+def test_padded_network_follows_new_weights_and_stays_exact():
+    torch.manual_seed(2)
+    net = FM2SNet(1).eval()
+    padded = fused_for_cpu(net)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: the eager network is used")
+    assert isinstance(padded, PaddedCPUNet)
+    assert count_parameters(padded) == 0  # its weights are buffers, copies of the network's
+    x = torch.rand(1, 1, 70, 33)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    with torch.inference_mode():
+        stale = float((padded(x) - net(x)).abs().max())
+        load_answering(padded, list(net.parameters()))
+        fresh = float((padded(x) - net(x)).abs().max())
+        # the zero filters stay zero: nothing of the padding reaches the answer
+        assert float(padded.w1[12:].abs().max()) == 0 and float(padded.w2[12:].abs().max()) == 0
+    assert stale > 1e-3 and fresh <= 2e-6, (stale, fresh)
+
+
 def test_cpu_learner_answers_with_the_fused_network():
     learner = Learner(get_preset("widefield"), cold_start_schedule(10), torch.device("cpu"), inference_dtype="float32")
     learner.infer(torch.rand(32, 32))
-    fused = isinstance(learner._inference_net, FusedCPUNet)
+    fused = isinstance(learner._inference_net, (FusedCPUNet, PaddedCPUNet))
     assert fused == torch.backends.mkldnn.is_available()
 
 
