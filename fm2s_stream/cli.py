@@ -238,7 +238,8 @@ def _service_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         source=args.source, source_type=args.source_type, publish=args.publish, preview=args.preview,
         save=Path(args.save) if args.save else None, save_kind=args.save_kind, save_format=args.save_format,
         roll_every=args.roll_every,
-        pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms, device=args.device,
+        pixel_size_um=args.pixel_size, preset=args.preset, budget_ms=args.budget_ms,
+        max_latency_ms=args.max_latency_ms, device=args.device,
         seed=args.seed, threads=args.threads, temporal=not args.no_temporal, average_frames=args.average,
         cold_start_steps=args.cold_start_steps, cold_start=args.cold_start, init=args.init,
         allow_remote=args.bind is not None and args.bind not in ("127.0.0.1", "localhost", "::1"),
@@ -328,6 +329,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.PUSH if args.socket == "push" else zmq.PUB)
     sock.setsockopt(zmq.LINGER, 5000)
+    if args.socket == "push":  # frames go only to a connected receiver: wait for one, at most --wait seconds
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDTIMEO, int(args.wait * 1000))
     try:
         _secure_client(sock, args.curve)
     except ValueError as exc:
@@ -348,6 +352,11 @@ def cmd_send(args: argparse.Namespace) -> int:
     except ImageFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except zmq.Again:
+        sock.close(linger=0)
+        print(f"error: no receiver took a frame at {args.to} within {args.wait:g} s (is serve running?); "
+              f"sent {n} frames, frame {args.first_id + n} onwards not sent", file=sys.stderr)
+        return 1
     sock.close()
     print(f"sent {n} frames to {args.to}", file=sys.stderr)
     return 0
@@ -531,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roll-every", type=int, default=d.roll_every, help="frames per file")
     p.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (OME metadata)")
     p.add_argument("--budget-ms", type=float, default=d.budget_ms, help="latency budget per frame")
+    p.add_argument("--max-latency-ms", type=float, default=d.max_latency_ms, metavar="MS",
+                   help="on a machine slower than the camera: a frame whose network answer would come out later "
+                        "than MS after arrival, while a newer frame of its channel waits, gets the classical "
+                        "answer (status bootstrap, reason overload), so latency stays bounded; 0 (default): "
+                        "every frame gets the network, however late")
     p.add_argument("--cold-start", default=d.cold_start, choices=["classical", "wait"],
                    help="while a new channel's network trains: answer with a Gaussian pre-denoiser "
                         "(classical) or hold its frames until the network answers (wait)")
@@ -583,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", default="default")
     p.add_argument("--fps", type=float, default=0.0, help="pace frames (0 = as fast as possible)")
     p.add_argument("--first-id", type=int, default=0)
+    p.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="push: wait up to S seconds for the receiver to take each frame, then fail")
     p.add_argument("--curve", default=None, metavar="KEYDIR", help="connect as the CurveZMQ client in KEYDIR")
     p.set_defaults(func=cmd_send)
 
