@@ -231,6 +231,14 @@ class Channel:
         self.clock.lap("quantisation")
         return pixels, "denoised" if network else "bootstrap"
 
+    def answer_classically(self, prep: Prepared) -> tuple[np.ndarray, str]:
+        """The classical pre-denoiser's answer ("bootstrap"), leaving the post-processing's history
+        alone: for a frame shed under overload, between network answers whose average goes on."""
+        span, black = prep.scaling.span, prep.scaling.black
+        pixels = download(gaussian(prep.unit, 1.0) * span + black, prep.raw.dtype)
+        self.clock.lap("classical")
+        return pixels, "bootstrap"
+
     # -- learning ----------------------------------------------------------------------------------
     def remember(self, prep: Prepared) -> None:
         """Keep this frame as its position's previous frame; link the one before it for temporal steps."""

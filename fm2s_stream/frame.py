@@ -66,7 +66,8 @@ class Frame:
 class Result:
     """The pipeline's answer for one frame.
 
-    status: "denoised" (network), "bootstrap" (classical pre-denoiser during a cold start) or
+    status: "denoised" (network), "bootstrap" (classical pre-denoiser: during a cold start, or for a
+    frame shed under overload, `reason` then says so) or
     "raw" (passed through after an error, `reason` says why). degraded: fine-tuning was cut for
     latency, or the frame is not network-denoised. steps: the channel model's total step count.
     averaged: mean number of consecutive frames averaged per pixel (1 = this frame alone).

@@ -65,6 +65,9 @@ class PipelineConfig:
     budget_ms: float = 50.0
     queue_size: int = 64
     max_finetune_steps: int = 8
+    # > 0: a frame whose network answer would come out later than this after arrival, while a newer frame of its
+    # channel waits, gets the classical answer (see policy.LatencyPolicy.shed); 0: every frame gets the network
+    max_latency_ms: float = 0.0
     threads: int = field(default_factory=default_threads)
     # "classical": answer with the pre-denoiser meanwhile; "wait": train until the network answers
     cold_start: str = "classical"
@@ -95,7 +98,7 @@ class Pipeline:
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.started_at = 0.0
         self._running = False
-        self.policy = LatencyPolicy(config.budget_ms, config.max_finetune_steps)
+        self.policy = LatencyPolicy(config.budget_ms, config.max_finetune_steps, config.max_latency_ms)
         self.state = StateStore(config.state_dir) if config.state_dir else None
         self.state_loaded: dict[str, str] = {}  # channel -> "resumed" or why its saved state was not used
         self._last_save = time.monotonic()
@@ -278,8 +281,17 @@ class Pipeline:
             if not channel.learner.answers and self.config.cold_start == "wait":
                 while not channel.learner.answers:
                     channel.learn_step(prep)
-            pixels, status = channel.answer(prep)
+            waited = time.perf_counter() - frame.received
             reason = None
+            if channel.learner.answers and self.policy.shed(waited, self._queued(frame.channel)):
+                pixels, status = channel.answer_classically(prep)
+                reason = (f"overload: waited {waited * 1000:.0f} ms, the network's answer would pass "
+                          f"max_latency_ms {self.config.max_latency_ms:g}; answered classically")
+                prep = None  # nothing to learn from: the worker is behind
+                with self._lock:
+                    self.counts["shed"] += 1
+            else:
+                pixels, status = channel.answer(prep)
         except Exception as exc:  # a broken frame or model must not stop the stream
             log.exception("denoising frame %s of %r failed; passing it raw", frame.frame_id, frame.channel)
             if channel is not None:

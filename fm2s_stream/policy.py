@@ -17,7 +17,11 @@ Publish first, learn after. After each answer the pipeline asks `plan` and train
   found over budget decays so that a one-off slow step (kernel set-up, a busy moment) does not
   switch fine-tuning off for good. The next frame is due one median interval (over the
   last PERIOD_FRAMES) after its channel's last one; channels that went quiet do not count;
-- under backlog a ready channel does not learn at all (counted as `finetune_skipped`).
+- under backlog a ready channel does not learn at all (counted as `finetune_skipped`);
+- with a latency bound (`max_latency_ms`, off by default), a frame whose network answer would come out
+  later than the bound after its arrival, while a newer frame of its channel waits, is answered by the
+  classical pre-denoiser instead (`shed`): on a machine slower than the camera the latency stays
+  bounded and every frame still comes out, the newest ones network-denoised.
 Costs are smoothed with exponential moving averages (COST_MEMORY of the old value kept).
 """
 
@@ -51,8 +55,9 @@ class Plan:
 class LatencyPolicy:
     """Decides, from the queue depth, measured costs and the frame's arrival time, how long the worker learns."""
 
-    def __init__(self, budget_ms: float, max_finetune_steps: int) -> None:
+    def __init__(self, budget_ms: float, max_finetune_steps: int, max_latency_ms: float = 0.0) -> None:
         self.budget_s = budget_ms / 1000.0
+        self.max_latency_s = max_latency_ms / 1000.0  # 0: every frame gets the network, however late
         self.max_finetune_steps = max_finetune_steps
         self.answer_s = 0.0  # smoothed cost of answering a frame with the network (0: not measured yet)
         self.step_s = 0.0  # smoothed cost of one fine-tune step (0: not measured yet)
@@ -91,6 +96,12 @@ class LatencyPolicy:
     def stepped(self, seconds: float) -> None:
         """Record what one fine-tune step cost."""
         self.step_s = self._smooth(self.step_s, seconds)
+
+    def shed(self, waited_s: float, newer_waiting: bool) -> bool:
+        """True if a frame that has waited `waited_s` should get the classical answer: a newer frame of
+        its channel waits (that one, or the newest, gets the network) and the network's answer would
+        end beyond the latency bound."""
+        return self.max_latency_s > 0 and newer_waiting and waited_s + self.answer_s > self.max_latency_s
 
     def plan(self, received: float, backlog: int, ready: bool, answer_seconds: float, frame_index: int = 0,
              answers: bool = False) -> Plan:

@@ -62,6 +62,7 @@ class ServiceOptions:
     allow_remote: bool = False
     queue_size: int = PipelineConfig.queue_size
     max_finetune_steps: int = PipelineConfig.max_finetune_steps
+    max_latency_ms: float = PipelineConfig.max_latency_ms
     state: Path | None = None  # learnt channel state kept here between runs (`--state DIR`)
     curve: Path | None = None  # CurveZMQ key directory (`fm2s-stream keys`): encrypt + authenticate
     extra_channel: dict[str, Any] = field(default_factory=dict)
@@ -95,7 +96,8 @@ class StreamService:
             **o.extra_channel,
         )
         config = PipelineConfig(channel=channel, budget_ms=o.budget_ms, threads=o.threads, queue_size=o.queue_size,
-                                max_finetune_steps=o.max_finetune_steps, cold_start=o.cold_start,
+                                max_finetune_steps=o.max_finetune_steps, max_latency_ms=o.max_latency_ms,
+                                cold_start=o.cold_start,
                                 state_dir=str(o.state) if o.state else None)
         self.files: list[Any] = []  # TiffSink or ZarrSink per kind saved
         if o.save is not None:

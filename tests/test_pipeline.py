@@ -73,3 +73,33 @@ def test_a_cold_start_plan_ends_with_the_cold_start():
         time.sleep(0.5)  # idle: a ready channel without frames does not learn
         steps = pipe.channels["A"].steps
     assert steps == 30, f"{steps} steps after a 30-step cold start and no further frame"
+
+
+def test_under_overload_a_latency_bound_sheds_late_frames_to_the_classical_answer_and_loses_none():
+    # a ready channel, then a burst far faster than the network answers: with max_latency_ms the late
+    # frames get the classical answer (with the reason) and the burst's last frame the network's;
+    # every frame comes out once
+    config = PipelineConfig(ChannelConfig(get_preset("confocal"), cold_start_steps=20, cold_start_crop=32,
+                                          finetune_crop=32, average_frames=1), threads=1, max_latency_ms=1)
+    frames = noisy_frames(8)
+    sink = MemorySink()
+    with Pipeline(config, [sink]) as pipe:
+        pipe.submit(Frame(frames[0], channel="A", frame_id=0))
+        end = time.monotonic() + 30
+        while not pipe.channels.get("A") or not pipe.channels["A"].ready:
+            assert time.monotonic() < end, "the cold start did not finish"
+            time.sleep(0.01)
+        pipe.submit(Frame(frames[1], channel="A", frame_id=1))  # one network answer: its cost is measured
+        while len(sink.results) < 2:
+            assert time.monotonic() < end, "the first network answer did not come"
+            time.sleep(0.01)
+        burst = list(range(2, 42))
+        for fid in burst:
+            pipe.submit(Frame(frames[fid % 8], channel="A", frame_id=fid))
+    statuses = [sink.by_id[fid].status for fid in burst]
+    shed = sum(1 for fid in burst if (sink.by_id[fid].reason or "").startswith("overload"))
+    assert len(sink.results) == 42 and sorted(sink.by_id) == list(range(42))
+    assert statuses[-1] == "denoised", statuses
+    assert shed == statuses.count("bootstrap") >= len(burst) // 2, statuses
+    assert pipe.stats()["counts"]["shed"] == shed
+    assert all(sink.by_id[fid].degraded for fid in burst if sink.by_id[fid].status == "bootstrap")

@@ -128,3 +128,14 @@ def test_a_simulated_camera_gets_its_steps_without_making_frames_wait():
         free = now
     assert steps / 200 >= 1.5, steps
     assert max(latencies[10:]) <= answer + NEXT_FRAME_SLACK * step + 1e-9, max(latencies)
+
+
+def test_a_latency_bound_sheds_only_late_frames_with_a_newer_one_behind_them():
+    off = LatencyPolicy(budget_ms=50, max_finetune_steps=4)
+    on = LatencyPolicy(budget_ms=50, max_finetune_steps=4, max_latency_ms=300)
+    for p in (off, on):
+        p.answered(0.120)
+    assert not off.shed(10.0, newer_waiting=True)  # off by default: every frame gets the network
+    assert on.shed(0.200, newer_waiting=True)  # 200 + 120 ms > 300
+    assert not on.shed(0.150, newer_waiting=True)  # 150 + 120 ms fits
+    assert not on.shed(5.0, newer_waiting=False)  # the newest frame of its channel always gets the network
