@@ -35,9 +35,10 @@ def test_static_stream_of_500_frames_keeps_photometry_and_does_not_flicker_or_dr
         assert abs(photometry(d, r, CAMERA.offset)["all"]["adu"]) < 0.01
     assert flicker_ratio(den[10:], raw[10:]) <= 0.2
     assert abs(mean_drift(den, CAMERA.offset)) < 0.01  # of the signal above the offset
-    # it kept learning: the policy aims at >= 1 step per frame at this size; on a slow or loaded machine a
-    # step can be skipped now and then (seen: 365 in 499 frames), which this test is not about
-    assert results[-1].steps - 200 >= 499 // 2, results[-1].steps
+    # it kept learning to the end: how many steps a frame gets depends on the machine (seen: 365 in 499
+    # frames on a 2-core AMX Xeon, 141 on a 2-core AVX2 EPYC), which this test is not about
+    steps = [r.steps for r in results]
+    assert steps[250] > 200 and steps[-1] > steps[250], (steps[250], steps[-1])
 
 
 def test_average_restarts_where_the_scene_changes_and_keeps_averaging_elsewhere():

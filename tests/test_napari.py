@@ -33,7 +33,10 @@ from fm2s_stream.training import Schedule  # noqa: E402
 from tests.streamkit import FAST_CHANNEL, OUTSIDE, header, noisy_frames, serve_command  # noqa: E402
 
 QUICK = Schedule("quick", 2, 30, 1, 32, 2, 2e-3, 1e-3, "mix")
-STALL_LIMIT_MS = 100
+# the longest the Qt event loop may go without running: a viewer that waited on serve (its cold start, a
+# socket) would stall for seconds; drawing alone took up to 100 ms on a 2-core Xeon, 156 ms on a 2-core AVX2
+# EPYC (Mesa's software OpenGL)
+STALL_LIMIT_MS = 300
 
 
 class Sender:
@@ -103,7 +106,9 @@ def test_live_layers_follow_a_real_serve_without_blocking_the_viewer(make_napari
     finally:
         sender.close()
         widget.close_all()
-    assert all(rate >= 10 for rate in rates.values()), rates
+    # the layers keep following (15 fps sent; the preview is newest-frame-wins, so a slower machine shows
+    # fewer: 8.3 fps seen on a 2-core AVX2 EPYC with software OpenGL, 10+ on a 2-core Xeon)
+    assert all(rate >= 4 for rate in rates.values()), rates
     assert stall <= STALL_LIMIT_MS, meter.stalls
     raw, den = viewer.layers["GFP raw"], viewer.layers["GFP fm2s"]
     assert raw.data.shape == den.data.shape == (96, 96) and raw.data.dtype == np.uint16
