@@ -223,7 +223,7 @@ class Channel:
         """Denoised pixels (input dtype) and their status: "denoised" (network) or "bootstrap" (classical)."""
         network = self.learner.answers
         span, black = prep.scaling.span, prep.scaling.black
-        camera = self.learner.infer(prep.unit, span, black) if network else gaussian(prep.unit, 1.0) * span + black
+        camera = self.learner.infer(prep.unit, span, black) if network else self._classical(prep)
         self.clock.lap("inference" if network else "classical")
         camera, prep.averaged = self.post.apply(prep.camera, camera, prep.position, network)
         prep.shift = self.post.measured_shift
@@ -234,10 +234,14 @@ class Channel:
     def answer_classically(self, prep: Prepared) -> tuple[np.ndarray, str]:
         """The classical pre-denoiser's answer ("bootstrap"), leaving the post-processing's history
         alone: for a frame shed under overload, between network answers whose average goes on."""
-        span, black = prep.scaling.span, prep.scaling.black
-        pixels = download(gaussian(prep.unit, 1.0) * span + black, prep.raw.dtype)
+        pixels = download(self._classical(prep), prep.raw.dtype)
         self.clock.lap("classical")
         return pixels, "bootstrap"
+
+    @staticmethod
+    def _classical(prep: Prepared) -> torch.Tensor:
+        """The classical pre-denoiser (a sigma-1 Gaussian) of the frame, in camera units."""
+        return gaussian(prep.unit, 1.0) * prep.scaling.span + prep.scaling.black
 
     # -- learning ----------------------------------------------------------------------------------
     def remember(self, prep: Prepared) -> None:
