@@ -10,6 +10,16 @@ from fm2s_stream.sinks import MemorySink
 from tests.streamkit import noisy_frames
 
 
+def wait_until_ready(pipe: Pipeline, name: str, seconds: float = 30) -> bool:
+    """Wait, without sending, until channel `name` has finished its cold start; False on timeout."""
+    end = time.monotonic() + seconds
+    while not (pipe.channels.get(name) is not None and pipe.channels[name].ready):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_a_channel_that_went_quiet_still_finishes_its_cold_start_while_another_streams():
     # channel A sends one frame, then channel B streams with idle gaps between its frames: the idle
     # time must finish A's cold start too (it used to go only to the channel of the last frame)
@@ -67,9 +77,7 @@ def test_a_cold_start_plan_ends_with_the_cold_start():
     sink = MemorySink()
     with Pipeline(config, [sink]) as pipe:
         pipe.submit(Frame(noisy_frames(1)[0], channel="A", frame_id=0))
-        end = time.monotonic() + 30
-        while not (pipe.channels.get("A") is not None and pipe.channels["A"].ready) and time.monotonic() < end:
-            time.sleep(0.01)
+        wait_until_ready(pipe, "A")
         time.sleep(0.5)  # idle: a ready channel without frames does not learn
         steps = pipe.channels["A"].steps
     assert steps == 30, f"{steps} steps after a 30-step cold start and no further frame"
@@ -85,10 +93,8 @@ def test_under_overload_a_latency_bound_sheds_late_frames_to_the_classical_answe
     sink = MemorySink()
     with Pipeline(config, [sink]) as pipe:
         pipe.submit(Frame(frames[0], channel="A", frame_id=0))
+        assert wait_until_ready(pipe, "A"), "the cold start did not finish"
         end = time.monotonic() + 30
-        while not pipe.channels.get("A") or not pipe.channels["A"].ready:
-            assert time.monotonic() < end, "the cold start did not finish"
-            time.sleep(0.01)
         pipe.submit(Frame(frames[1], channel="A", frame_id=1))  # one network answer: its cost is measured
         while len(sink.results) < 2:
             assert time.monotonic() < end, "the first network answer did not come"
