@@ -131,6 +131,29 @@ def test_eight_frames_of_one_field_pin_the_gain_within_3_percent(gain, read, cor
     assert est.frames == 8 and abs(est.rho - (0.58 if corr else 0.0)) < 0.08
 
 
+def test_eight_frames_of_a_dim_sparse_field_pin_the_gain_despite_its_one_level_background():
+    """Most tiles of a dim field are background of one true level. Binned by their own noisy level they
+    spread along the level axis at one variance and flatten the slope (this cell was -15 % before the
+    pairs were binned by the other frames' level)."""
+    from scipy import ndimage
+
+    scene = make_scene((256, 256), np.random.default_rng(0), peak=30, background=1)
+    cam = Camera(gain=2.0, read_noise=1.0, offset=100.0, correlation=0.7)
+    lam = ndimage.gaussian_filter(scene, 0.7)  # a camera that correlates its noise blurs the signal with it
+    rng = np.random.default_rng(1)
+    est = estimate_noise_frames([cam.expose(lam, rng) for _ in range(8)])
+    assert est.a == pytest.approx(2.0, rel=0.03), est
+
+
+def test_a_variance_that_falls_with_the_level_gives_a_flat_law_through_the_bins():
+    from fm2s_stream.calibrate import _robust_line
+
+    x = np.array([100.0, 101.0, 102.0, 103.0])
+    y = np.array([26.0, 25.5, 25.0, 24.5])
+    a, b, use = _robust_line(x, y, np.full(4, 100.0), np.full(4, 0.2))
+    assert a == 0.0 and b == pytest.approx(25.25, abs=0.3) and use.all(), (a, b)
+
+
 def test_a_t_axis_gives_one_estimate_and_plot_draws_the_curve(tmp_path, capsys):
     scene = make_scene((128, 128), np.random.default_rng(0), peak=300, background=10)
     cam, rng = Camera(gain=5.0, read_noise=3.0, offset=100.0), np.random.default_rng(2)
