@@ -1,13 +1,25 @@
-"""Calibration accuracy on synthetic frames with known camera noise, and the FMD reference ratio.
+"""Calibration accuracy on frames with known camera noise: synthetic scenes, real-structure scenes, FMD.
 
-usage: python benchmarks/calibration.py [--data ../shared/data/fmd] [--size 512] [--draws 20]
+usage: python benchmarks/calibration.py [--data ../shared/data/fmd] [--size 512] [--draws 20] [--real-draws 3]
+       [--frames 8] [--parts synthetic,real,fmd]
 
-Part 1: a grid of gains (0.5-20 ADU/e-) x read noise (1-10 e-) x offsets, at 16 bit (and 8 bit where
-the range allows), white and spatially correlated noise: estimated gain and read noise (given the
-offset) against the truth: per cell the bias (mean error over the noise draws), the single-frame spread
-(sd) and the share of single frames within 10 %. Part 2 (with data): per FMD image, the real noise
-variance at the median level next to what each paper preset injects there (the ratio that
-`fm2s_stream.calibrate.REFERENCE_RATIO` summarises).
+Part 1 (synthetic): a grid of gains (0.5-20 ADU/e-) x read noise (1-10 e-) x offsets, at 16 bit (and 8
+bit where the range allows), white and spatially correlated noise: estimated gain and read noise (given
+the offset) against the truth: per cell the bias (mean error over the noise draws), the single-frame
+spread (sd) and the share of single frames within 10 %.
+Part 2 (real, with data): the same cameras over real-structure scenes: the dev FMD ground truths as
+photon maps, and a synthetic scene. A 50-frame average still holds 1/50 of its exposures' noise, so each
+ground truth is scaled to its field's own photon level (8-bit value / the gain fitted from raw - truth):
+its leftover noise is then ~2 % of the shot noise (at 10x that level it would be ~20 %, which no
+single-frame estimate can tell from camera noise). Where the camera correlates the noise, the photon
+map is blurred by the same kernel (a camera whose processing correlates its noise blurs the signal
+with it; correlating the noise of a sharp map would move shot-noise variance off the pixels it belongs
+to). Per cell: the single-frame gain error and the noise variance error at the mid level (halfway
+between the 1st and 99th percentile of the noise-free frame), mean and worst over the draws, and the
+gain error from `--frames` frames of the static field (`estimate_noise_frames`). `shot` is the shot
+noise's share of the variance at the mid level: where it is small, read noise swamps the gain.
+Part 3 (fmd, with data): per FMD image, the real noise variance at the median level next to what each
+paper preset injects there (the ratio that `fm2s_stream.calibrate.REFERENCE_RATIO` summarises).
 """
 
 from __future__ import annotations
@@ -67,6 +79,72 @@ def synthetic_grid(size: int, draws: int) -> int:
     return biased
 
 
+
+CAMERAS = [(bits, gain, read, corr) for bits, gains in ((16, (0.5, 2.0, 5.0, 20.0)), (8, (0.5, 0.8)))
+           for gain in gains for read in (1.0, 3.0, 10.0) for corr in (0.0, 0.7)]
+
+
+def photon_maps(data: Path) -> dict[str, np.ndarray]:
+    """Noise-free scenes in electrons: each dev FMD field's ground truth at its own photon level, and a
+    synthetic scene (peak 30 e-, the photon level of the FMD confocal and two-photon fields)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quality import oracle_law  # the raw - truth noise fit, shared with the quality benchmark
+
+    maps: dict[str, np.ndarray] = {}
+    fields: dict[str, tuple[np.ndarray, list[float]]] = {}
+    for path in sorted((data / "raw").glob("*.png")):
+        raw = np.asarray(Image.open(path))
+        gt = np.asarray(Image.open(data / "gt" / path.name))
+        field = path.stem.rsplit("_", 1)[0]
+        fields.setdefault(field, (gt.astype(np.float64), []))[1].append(oracle_law(raw, gt)[0])
+    for field, (gt, gains) in fields.items():
+        maps[field] = gt / float(np.mean(gains))
+    maps["synthetic"] = make_scene((512, 512), np.random.default_rng(0), peak=30, background=1)
+    return maps
+
+
+def real_grid(maps: dict[str, np.ndarray], draws: int, frames: int) -> None:
+    """Print part 2, one block per scene, and a summary line per scene."""
+    from scipy import ndimage
+
+    from fm2s_stream.calibrate import estimate_noise_frames
+
+    for name, electrons in maps.items():
+        print(f"\n{name}: peak {electrons.max():.0f} e-, median {np.median(electrons):.1f} e-")
+        print(f"{'bits':>4s} {'gain':>5s} {'read':>4s} {'corr':>4s} {'shot':>4s} | {'1f gain %':>9s} {'worst':>6s} "
+              f"{'var@mid %':>9s} {'worst':>6s} | {f'{frames}f gain %':>9s} {'var@mid %':>9s}")
+        ok_gain = ok_var = ok_multi = cells = 0
+        for bits, gain, read, corr in CAMERAS:
+            offset = 100.0 if bits == 16 else 10.0
+            cam = Camera(gain=gain, read_noise=read, offset=offset, bit_depth=bits, correlation=corr)
+            lam = ndimage.gaussian_filter(electrons, corr, mode="reflect") if corr > 0 else electrons
+            ideal = cam.ideal(lam)
+            mid = 0.5 * float(np.quantile(ideal, 0.01) + np.quantile(ideal, 0.99))
+            shot = gain * (mid - offset)
+            true_var = shot + (gain * read) ** 2 + 1.0 / 12.0  # rounding adds 1/12 ADU^2
+            g_err, v_err = [], []
+            for draw in range(draws):
+                est = estimate_noise(cam.expose(lam, np.random.default_rng(100 + draw)))
+                g_err.append(100 * (est.a / gain - 1))
+                v_err.append(100 * (float(est.variance(mid)) / true_var - 1))
+            stack = [cam.expose(lam, np.random.default_rng(1000 + k)) for k in range(frames)]
+            multi = estimate_noise_frames(stack)
+            m_err = 100 * (multi.a / gain - 1)
+            mv_err = 100 * (float(multi.variance(mid)) / true_var - 1)
+            g, v = np.array(g_err), np.array(v_err)
+            cells += 1
+            ok_gain += bool(np.all(np.abs(g) <= 10))
+            ok_var += bool(np.all(np.abs(v) <= 10))
+            ok_multi += abs(m_err) <= 3
+            print(f"{bits:4d} {gain:5.1f} {read:4.0f} {corr:4.1f} {shot / true_var:4.2f} | {g.mean():9.1f} "
+                  f"{g[np.argmax(np.abs(g))]:6.1f} {v.mean():9.1f} {v[np.argmax(np.abs(v))]:6.1f} | {m_err:9.1f} "
+                  f"{mv_err:9.1f}")
+        print(f"{name}: cells with every single frame's gain within 10 %: {ok_gain} of {cells}; variance at mid "
+              f"within 10 %: {ok_var} of {cells}; {frames} frames' gain within 3 %: {ok_multi} of {cells}")
+
+
 def fmd_ratios(data: Path) -> None:
     print(f"\n{'image':24s} {'a':>7s} {'b':>7s} {'rho':>5s} {'real var@median':>15s} "
           + " ".join(f"{'ratio ' + p:>16s}" for p in ("confocal", "twophoton", "widefield")))
@@ -92,13 +170,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/data/fmd"))
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--draws", type=int, default=20, help="noise draws per grid cell")
+    ap.add_argument("--draws", type=int, default=20, help="noise draws per synthetic grid cell")
+    ap.add_argument("--real-draws", type=int, default=3, help="single-frame noise draws per real-structure cell")
+    ap.add_argument("--frames", type=int, default=8, help="frames of the static field for the multi-frame estimate")
+    ap.add_argument("--parts", default="synthetic,real,fmd", help="comma-separated: synthetic, real, fmd")
     args = ap.parse_args()
-    synthetic_grid(args.size, args.draws)
-    if (args.data / "raw").is_dir():
+    parts = set(args.parts.split(","))
+    if "synthetic" in parts:
+        synthetic_grid(args.size, args.draws)
+    have_data = (args.data / "raw").is_dir()
+    if not have_data and parts & {"real", "fmd"}:
+        print(f"no FMD data at {args.data}; skipped the real-structure grid and the FMD ratios", file=sys.stderr)
+    if have_data and "real" in parts:
+        real_grid(photon_maps(args.data), args.real_draws, args.frames)
+    if have_data and "fmd" in parts:
         fmd_ratios(args.data)
-    else:
-        print(f"no FMD data at {args.data}; skipped part 2", file=sys.stderr)
 
 
 if __name__ == "__main__":
