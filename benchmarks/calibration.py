@@ -79,7 +79,6 @@ def synthetic_grid(size: int, draws: int) -> int:
     return biased
 
 
-
 CAMERAS = [(bits, gain, read, corr) for bits, gains in ((16, (0.5, 2.0, 5.0, 20.0)), (8, (0.5, 0.8)))
            for gain in gains for read in (1.0, 3.0, 10.0) for corr in (0.0, 0.7)]
 
