@@ -45,8 +45,9 @@ from scipy import ndimage, optimize, special
 from .presets import MAX_RHO, Preset, get_preset
 from .scaling import check_frame, scaling_for
 
-__all__ = ["CORRELATED_INJECTION_RATIO", "REFERENCE_RATIO", "NoiseEstimate", "auto_base", "auto_preset", "calibrate",
-           "estimate_noise", "estimate_noise_or_none", "fm2s_parameters", "tile_stats"]
+__all__ = ["CORRELATED_INJECTION_RATIO", "REFERENCE_RATIO", "FieldNoise", "NoiseEstimate", "auto_base", "auto_preset",
+           "calibrate", "estimate_noise", "estimate_noise_frames", "estimate_noise_or_none", "fm2s_parameters",
+           "tile_stats"]
 
 TILE = 8
 QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
@@ -177,7 +178,7 @@ def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: f
     """(a, b, clipped, the binned curve) of var = a * level + b through tiles' levels `m` and noise
     variance estimates `n`: a bin's variance is its tiles' median (structure inflates some) over
     `median_bias` (median / mean of one tile's estimate under noise alone; the mean where not
-    `robust`); `rho`: the correlation of
+    `robust`, over the tiles at most CHANGED_TILE x the median); `rho`: the correlation of
     the values the estimates were differences of (for the fit through clipping). `by`: levels measured
     independently of `m`'s noise to bin by (a bin's level is then the mean of its tiles' `m`, free of
     the regression to the mean that binning by `m` itself brings: tiles of one true level binned by
@@ -198,7 +199,7 @@ def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: f
         if sel.sum() >= 8:
             med = float(np.median(n[sel]))
             xs.append(float(np.median(m[sel]) if by is None else np.mean(m[sel])))
-            ys.append(med / median_bias if robust else float(np.mean(n[sel])))
+            ys.append(med / median_bias if robust else float(np.mean(n[sel][n[sel] <= CHANGED_TILE * med])))
             ws.append(float(sel.sum()))
             spread.append(float(np.median(np.abs(n[sel] - med))) * 1.4826 / max(med, 1e-12))
     x, y, wt = np.array(xs), np.array(ys), np.array(ws)
@@ -216,6 +217,10 @@ def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: f
 
 
 DRIFT_WINDOW = 63  # frame differences: their local mean over this window is drift, not noise
+# a tile whose difference variance is over this many times its bin's median saw the scene change (a
+# cell moved), not noise: pure noise of 64 pixels exceeds it in < 0.03 % of tiles even at rho 0.7
+# (the mean then moves by < 0.05 %)
+CHANGED_TILE = 3.0
 
 
 def estimate_noise_frames(frames: list[np.ndarray], bins: int = 16) -> NoiseEstimate:
@@ -230,7 +235,8 @@ def estimate_noise_frames(frames: list[np.ndarray], bins: int = 16) -> NoiseEsti
     the many background tiles of a dim field, all of one true level, spread along the level axis at
     one variance and flatten the slope). A bin's variance is its tiles' mean (differences hold no
     structure to be robust against), the line keeps every bin, and the fit through clipping at 0 is
-    the single-frame estimate's (`_fit_law`; consecutive frames' noise is independent). rho is the
+    the single-frame estimate's (`_fit_law`; consecutive frames' noise is independent); tiles where the
+    scene changed (CHANGED_TILE) are left out of their bin's mean. rho is the
     lag-1 spatial correlation of the differences. Frames must be registered (a moving stage: register
     them first). Measured (benchmarks/calibration.py, 8 frames of 512x512 real-structure scenes: the
     dev FMD ground truths at their own photon level and a dim synthetic scene, 36 cameras each: gain
@@ -283,6 +289,59 @@ def estimate_noise_frames(frames: list[np.ndarray], bins: int = 16) -> NoiseEsti
     means = means.ravel()
     return NoiseEstimate(a, b, rho, float(np.quantile(means, 0.001)), float(np.median(means)), int(m.size),
                          clipped, len(frames), curve)
+
+
+FIELD_FRAMES = 8  # still frames per multi-frame fit of a stream (benchmarks/calibration.py: gain within 3 %)
+FIELD_SIDE = 256  # central crop a stream's multi-frame fit uses: 7 pairs x 1024 tiles, ~10 ms per fit
+
+
+class FieldNoise:
+    """A stream's noise, from its own frames by `calibrate`'s estimator: central crops of consecutive
+    still frames of one field (stage and scene unchanged, as the temporal average sees them) are
+    collected, and every `frames` of them give one `estimate_noise_frames` fit. A frame that moved or
+    changed, or has another shape or dtype, starts the collection afresh from itself. Core: numpy only."""
+
+    def __init__(self, frames: int = FIELD_FRAMES, side: int = FIELD_SIDE) -> None:
+        if frames < 2:
+            raise ValueError("a multi-frame noise fit needs at least 2 frames")
+        self.frames = frames
+        self.side = side
+        self.fits = 0  # estimates made
+        self.failures = 0  # windows that could not be fitted (too few unsaturated tiles)
+        self.latest: NoiseEstimate | None = None
+        self._crops: list[np.ndarray] = []
+        self._where: object = None
+
+    def add(self, frame: np.ndarray, still: bool, where: object = None) -> None:
+        """Keep this frame's central crop; `still`: it shows the same field as the previous frame of its
+        stage position `where`, which must also be the previous frame added."""
+        h, w = frame.shape
+        y, x = max(0, (h - self.side) // 2), max(0, (w - self.side) // 2)
+        crop = np.array(frame[y : y + self.side, x : x + self.side], copy=True)
+        if self._crops and (not still or where != self._where or crop.shape != self._crops[0].shape
+                            or crop.dtype != self._crops[0].dtype):
+            self._crops.clear()
+        self._where = where
+        self._crops.append(crop)
+
+    @property
+    def due(self) -> bool:
+        """A full window of still frames waits for its fit (`take`)."""
+        return len(self._crops) >= self.frames
+
+    def take(self) -> NoiseEstimate | None:
+        """The fit of a full window (then a new window starts), else None; for the time between frames."""
+        if not self.due:
+            return None
+        crops, self._crops = self._crops, []
+        try:
+            est = estimate_noise_frames(crops)
+        except ValueError:
+            self.failures += 1
+            return None
+        self.fits += 1
+        self.latest = est
+        return est
 
 
 def _robust_line(x: np.ndarray, y: np.ndarray, wt: np.ndarray, spread: np.ndarray,
@@ -487,12 +546,13 @@ def auto_base(est: NoiseEstimate) -> str:
     return "widefield" if est.rho > CORRELATED else "confocal"
 
 
-def auto_preset(frame: np.ndarray, base: str | None = None) -> Preset:
-    """FM2S parameters for this frame from its own noise (`--preset auto`).
+def auto_preset(frame: np.ndarray, base: str | None = None, est: NoiseEstimate | None = None) -> Preset:
+    """FM2S parameters for this frame from its noise (`--preset auto`): `est` where the caller has an
+    estimate (e.g. a stream's `FieldNoise`), else the frame's own single-frame estimate.
 
     Falls back to the base (or confocal) paper preset when the frame has too few flat regions to fit.
     """
-    est = estimate_noise_or_none(frame)
+    est = est if est is not None else estimate_noise_or_none(frame)
     if est is None:
         return get_preset(base or "confocal")
     return fm2s_parameters(est, frame, base or auto_base(est))

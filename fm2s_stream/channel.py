@@ -25,7 +25,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .calibrate import auto_base, auto_preset, estimate_noise_or_none
+from .calibrate import FieldNoise, NoiseEstimate, auto_base, auto_preset, estimate_noise_or_none
 from .devices import download, upload
 from .learner import Learner, cold_start_schedule
 from .ops import float_and_affine, gaussian, halve, one_thread, overlap, shift_fraction
@@ -138,6 +138,7 @@ class Prepared:
     pair_checked: bool = False
     shift: tuple[float, float] | None = None  # from the previous frame, as the temporal average registered it
     averaged: float = 1.0  # mean frames averaged per pixel in this frame's output
+    still: bool = False  # the same field as its position's previous frame (as the temporal average saw it)
 
 
 class Channel:
@@ -161,10 +162,15 @@ class Channel:
         self.clock = StageClock(self.device, config.time_stages)
         self.post = PostProcess(config.anchor_sigma, config.average_frames, config.average_threshold,
                                 config.max_positions, config.average_registration, noise, self.clock)
+        # the camera's noise from this stream's still frames, by calibrate's multi-frame estimator: it
+        # refines the average's change test and, with --preset auto, the re-calibrations
+        self.field = FieldNoise()
+        self.noise: NoiseEstimate | None = noise  # the latest estimate (single-frame until a field fit)
         self.frames_seen = 0  # in this run
         self.frames_before = 0  # learnt from in earlier runs (resumed state)
         self.motion_rejects = 0
         self.shape_changes = 0
+        self._fitted_at = -(10**9)  # frames_seen at the latest multi-frame noise fit
         self.scaling: Scaling | None = None
         self.shape: tuple[int, int] | None = None
         self.dtype: str | None = first_frame.dtype.str if first_frame is not None else None
@@ -227,6 +233,7 @@ class Channel:
         self.clock.lap("inference" if network else "classical")
         camera, prep.averaged = self.post.apply(prep.camera, camera, prep.position, network)
         prep.shift = self.post.measured_shift
+        prep.still = self.post.still
         pixels = download(camera, prep.raw.dtype)
         self.clock.lap("quantisation")
         return pixels, "denoised" if network else "bootstrap"
@@ -288,14 +295,22 @@ class Channel:
         self.learner.restore()
 
     def maintain(self, prep: Prepared) -> bool:
-        """Work after the answer: the post-processing's deferred work; every `recalibrate_every` frames,
-        re-estimate the noise on a bounded central crop and move a third of the way there (log
-        domain). True if that recalibration ran."""
-        self.post.between_frames()
+        """Work after the answer: the frame joins the multi-frame noise fit (a full window of still
+        frames is fitted now, ~10 ms, and refines the temporal average's noise); every
+        `recalibrate_every` frames (--preset auto) the FM2S noise parameters are re-derived, from the
+        latest multi-frame fit if one came within that time, else from a bounded central crop of this
+        frame, and move a third of the way there (log domain). True if that recalibration ran."""
+        self.field.add(prep.raw, prep.still, prep.position)
+        fitted = self.field.take()
+        if fitted is not None:
+            self.noise = fitted
+            self._fitted_at = self.frames_seen
+            self.post.set_noise(fitted)
         if self.base is None or self.frames_seen % self.config.recalibrate_every:
             return False
         crop = _central(prep.raw, CALIBRATION_SIDE)
-        new, old = auto_preset(crop, self.base), self.learner.preset
+        recent = self.noise if self.frames_seen - self._fitted_at < self.config.recalibrate_every else None
+        new, old = auto_preset(crop, self.base, recent), self.learner.preset
 
         def mix(a: float, b: float) -> float:
             if a <= 0 or b <= 0:
@@ -354,7 +369,7 @@ class Channel:
 
     def stats(self) -> dict[str, object]:
         """Counters for status lines and reports."""
-        p = self.learner.preset
+        p, n = self.learner.preset, self.noise
         return {
             "ready": self.ready, "steps": self.learner.steps, "temporal_steps": self.learner.temporal_steps,
             "cold_start_progress": round(self.learner.cold_progress, 3),
@@ -362,6 +377,10 @@ class Channel:
             "shape_changes": self.shape_changes, "scene_changes": self.post.average.scene_changes,
             "preset": {"name": p.name, "n_chan": p.n_chan, "k_g": round(p.k_g, 3),
                        "k_p": round(p.k_p, 3), "lambda_p": round(p.lambda_p, 3), "rho": round(p.rho, 3)},
+            # the camera noise law in use (var = a * level + b, camera units) and how many frames it came from
+            "noise": None if n is None else {"a": round(n.a, 4), "b": round(n.b, 3), "rho": round(n.rho, 3),
+                                             "frames": n.frames},
+            "noise_fits": self.field.fits,
         }
 
 

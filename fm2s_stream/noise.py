@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .presets import MAX_RHO, Preset
 
-__all__ = ["M_MAX", "M_MIN", "NoiseInjector", "correlate", "correlation_taps", "inject_noise", "tile_means"]
+__all__ = ["M_MAX", "M_MIN", "NoiseInjector", "box_mean_variance", "correlate", "correlation_taps", "inject_noise",
+           "tile_means"]
 
 M_MIN, M_MAX = 1e-5, 0.15
 
@@ -46,6 +47,15 @@ def correlation_taps(rho: float) -> torch.Tensor:
     c = 0.0 if rho == 0 else (1.0 - math.sqrt(max(1.0 - 2.0 * rho * rho, 0.0))) / (2.0 * rho)  # 2c / (1 + 2c^2) = rho
     taps = torch.tensor([c, 1.0, c])
     return taps / torch.sqrt(torch.sum(taps**2))
+
+
+def box_mean_variance(rho: float, size: int) -> float:
+    """Variance of the size x size mean of unit-variance noise whose neighbours correlate by rho (the
+    separable 3-tap model of `correlation_taps`): 1 / size^2 for white noise, more for correlated."""
+    taps = correlation_taps(rho).tolist()
+    lag = [sum(taps[i] * taps[i + d] for i in range(3 - d)) for d in range(3)]  # autocorrelation, lags 0-2
+    one_axis = sum(lag[abs(i - j)] if abs(i - j) < 3 else 0.0 for i in range(size) for j in range(size))
+    return float((one_axis / size**2) ** 2)
 
 
 def correlate(noise: torch.Tensor, rho: float) -> torch.Tensor:

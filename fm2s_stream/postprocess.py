@@ -59,9 +59,14 @@ class PostProcess:
         """The latest frame's registered shift from its position's previous frame (None: not measured)."""
         return self.average.measured_shift
 
-    def between_frames(self) -> None:
-        """The chain's deferred work (the average's noise refit), for the time after an answer is out."""
-        self.average.between_frames()
+    @property
+    def still(self) -> bool:
+        """The latest frame showed the same field as its position's previous one (unmoved, unchanged)."""
+        return self.average.still
+
+    def set_noise(self, est: NoiseEstimate) -> None:
+        """A newer camera noise law for the average's change test (e.g. a multi-frame fit)."""
+        self.average.set_noise(est)
 
     def reset(self) -> None:
         """Forget the history (a shape change)."""

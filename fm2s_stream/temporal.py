@@ -16,15 +16,15 @@ Change: a pixel restarts from the current frame when its raw value, averaged ove
 faint extended changes, over ~9x9 or ~30x30), leaves its running raw average by more than
 `threshold` standard deviations of the expected noise at that scale; the decision is dilated by one
 pixel. The expected noise is a Poisson-Gaussian line (variance = a * level + b) of the 3x3 raw mean,
-first guessed from one frame's camera fit, then learnt from the frame-to-frame differences of pixels
-that did not change (so spatially correlated noise and a poor single-frame fit are corrected), times
-a robust spread learnt per scale on frames that barely changed. When most of the field changes (a
-new scene), or no registration is found, everything restarts.
+the camera's noise law (`calibrate`: one frame's fit as a first guess, then the owner's multi-frame
+fits of still frames, `FieldNoise`, the estimator `fm2s-stream calibrate` uses) through the 3x3 mean
+of noise of its spatial correlation, times a robust spread learnt per scale on frames that barely
+changed. When most of the field changes (a new scene), or no registration is found, everything
+restarts. `still` tells the owner whether the latest frame showed the same field as the one before.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -32,7 +32,8 @@ import numba
 import numpy as np
 import torch
 
-from .calibrate import NoiseEstimate, estimate_noise_or_none
+from .calibrate import FieldNoise, NoiseEstimate, estimate_noise_or_none
+from .noise import box_mean_variance
 from .ops import (
     BOX3,
     BOX7,
@@ -49,8 +50,12 @@ from .stages import StageClock
 __all__ = ["TemporalAverage", "average_series"]
 
 SCENE_CHANGE = 0.3  # fraction of changed pixels above which the whole field restarts
-CHI2_MEDIAN = 0.4549  # median of a chi-square variable with one degree of freedom
 SNAP = 0.05  # sub-pixel offsets below this (pixels) are not worth an interpolation
+STILL_CHANGE = 0.05  # a frame with fewer pixels changed (3x3 scale) than this fraction counts as still ...
+# ... and registered less than this far from its previous frame (pixels): on still fields of the FMD
+# ground truths at a few photons per pixel, registration's jitter alone reaches 0.04-0.1 px (p90); a real
+# move of 0.1 px adds < 4 % to the frame-difference variance of a bright tile's sharp edge
+STILL_SHIFT = 0.1
 SPREAD_SAMPLES = 16384  # samples per scale for a frame's robust spread (every 4th pixel of a 512x512 frame)
 
 
@@ -174,7 +179,7 @@ class TemporalAverage:
         # registration measured it, else None (no history, a scene change, registration off)
         self.measured_shift: tuple[float, float] | None = None
         self.spread: dict[str, float] = {}  # per scale: robust std of the normalised difference, static frames
-        self._noise_sample: tuple[np.ndarray, np.ndarray] | None = None  # taken on a frame, fitted after it
+        self.still = False  # the latest frame showed its position's previous field, unmoved and unchanged
         self._states: dict[tuple[int, int], _State] = {}
         self.clock = clock or StageClock(torch.device("cpu"))  # times registration apart from averaging
         self.torch_only = False  # True: the torch kernels on the CPU too (tests compare them with the fused ones)
@@ -182,25 +187,18 @@ class TemporalAverage:
     def reset(self) -> None:
         """Forget every position's history (shape change, model reset)."""
         self._states.clear()
-        self._noise_sample = None
-
-    def between_frames(self) -> None:
-        """Work that needs no frame of its own, for the time after an answer is out: the noise model's
-        refit on the last static frame's samples (4.5 ms at 1024x1024). If nobody calls this, the
-        next `apply` does it first."""
-        if self._noise_sample is not None:
-            level, sq = self._noise_sample
-            self._noise_sample = None
-            self._fit_noise(level, sq)
+        self.still = False
 
     def seed_noise(self, est: NoiseEstimate | None) -> None:
-        """First guess of the 3x3-mean noise: a single-frame camera fit, as if the noise were white.
+        """First guess of the noise (a single-frame camera fit), where there is none yet."""
+        if est is not None and self.noise is None:
+            self.set_noise(est)
 
-        Learnt from frame-to-frame differences afterwards; without a guess it waits for them.
-        """
-        if est is None or self.noise is not None:
-            return
-        a, b = est.a / 9.0, max(est.b, 1e-6 - est.a * est.black) / 9.0
+    def set_noise(self, est: NoiseEstimate) -> None:
+        """The 3x3-mean noise from a camera noise law (a newer fit, e.g. `FieldNoise`'s, replaces the
+        older): var(3x3 mean) = var(pixel) x the 3x3 mean's share under the law's correlation rho."""
+        share = box_mean_variance(est.rho, 3)
+        a, b = est.a * share, max(est.b, 1e-6 - est.a * est.black) * share  # positive at the black level
         if np.isfinite(a) and np.isfinite(b):
             self.noise = (a, b)
 
@@ -210,9 +208,9 @@ class TemporalAverage:
         """(averaged denoised frame, float32 on its device; mean number of frames averaged per pixel)."""
         out = denoised.float()
         self.measured_shift = None
+        self.still = False
         if self.max_frames == 1:
             return out, 1.0
-        self.between_frames()
         self.frames += 1
         if self.noise is None and self.frames == 1:  # nobody seeded it: fit the first frame (a central crop)
             self.seed_noise(estimate_noise_or_none(_central_crop(raw)))
@@ -239,6 +237,8 @@ class TemporalAverage:
         if fine > SCENE_CHANGE:
             self.scene_changes += 1
             return self._restart(position, raw, out)
+        moved = max(map(abs, self.measured_shift)) if self.measured_shift is not None else 0.0  # motion off: 0
+        self.still = fine < STILL_CHANGE and moved < STILL_SHIFT
         mean_count = self._update(changed, box_h, out_h, state)
         if not fy and not fx:
             return state.out.clone(), mean_count
@@ -302,39 +302,6 @@ class TemporalAverage:
             for name in ("raw", "out", "count"):
                 setattr(state, name, _roll(getattr(state, name), whole, self.torch_only))
 
-    def _sample_noise(self, diff: torch.Tensor, state: _State, still: torch.Tensor) -> None:
-        """Keep a static frame's samples for the noise model's refit (`between_frames`): the 3x3 raw
-        mean's level and squared frame-to-frame difference of ~16k unchanged pixels."""
-        step = max(1, int(np.sqrt(diff.numel() / 16384)))  # ~16k pixels are plenty for 8 bins
-        pick = still[::step, ::step]
-        level_t = state.raw[::step, ::step][pick]
-        if level_t.numel() < 256:
-            return
-        count = state.count[::step, ::step][pick]
-        sq_t = (diff[::step, ::step][pick] ** 2) / (1.0 + 1.0 / count)
-        self._noise_sample = (level_t.cpu().numpy(), sq_t.cpu().numpy())
-
-    def _fit_noise(self, level: np.ndarray, sq: np.ndarray) -> None:
-        """Refine the 3x3-mean noise model from frame-to-frame differences of pixels that did not change:
-        a robust line through the median squared difference per intensity bin, averaged over frames."""
-        edges = np.unique(np.quantile(level, np.linspace(0, 1, 9)))
-        xs, ys = [], []
-        for lo, hi in itertools.pairwise(edges):
-            sel = (level >= lo) & (level <= hi)
-            if sel.sum() >= 32:
-                xs.append(float(np.median(level[sel])))
-                ys.append(float(np.median(sq[sel])) / CHI2_MEDIAN)
-        if not xs:
-            return
-        if len(xs) >= 2 and np.ptp(xs) > 0:
-            a, b = (float(c) for c in np.polyfit(xs, ys, 1, w=1.0 / np.maximum(ys, 1e-12)))
-            a = max(a, 0.0)
-            b = max(b, 0.1 * min(ys) - a * min(xs))  # keeps the variance positive at the darkest level
-        else:
-            a, b = 0.0, float(np.mean(ys))
-        old = self.noise
-        self.noise = (a, b) if old is None else (0.9 * old[0] + 0.1 * a, 0.9 * old[1] + 0.1 * b)
-
     def _changed(self, box: torch.Tensor, state: _State) -> tuple[torch.Tensor, float]:
         """Pixels whose 3x3 (~9x9, ~30x30) raw mean left its running average by more than the noise
         explains, and pixels without history; and the fraction of the frame changed at 3x3 (the
@@ -374,11 +341,9 @@ class TemporalAverage:
         for (scale, _), current, spread, count in zip(samples, currents, spreads, counts):
             fraction = count / diff.numel()
             fine = fraction if scale == "3x3" else fine
-            quiet = quiet and fraction < 0.05
+            quiet = quiet and fraction < STILL_CHANGE
             if quiet:  # a (nearly) static frame teaches what the noise looks like at this scale
                 self.spread[scale] = current if scale not in self.spread else 0.9 * spread + 0.1 * current
-        if fine < 0.05 and (self.frames < 16 or self.frames % 4 == 0):  # settles fast, then drifts slowly
-            self._sample_noise(diff, state, ~changed)
         return changed, fine
 
     def _hits(self, diff: torch.Tensor, sd: torch.Tensor, d9: torch.Tensor, wide: torch.Tensor | None,
@@ -456,13 +421,18 @@ def average_series(raw: list[np.ndarray], denoised: list[np.ndarray], max_frames
     frame itself is in both), so a change restarts the average on both sides of it.
     """
     def one_way(order: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        avg = TemporalAverage(max_frames, threshold)
+        avg, field = TemporalAverage(max_frames, threshold), FieldNoise()
         outs: list[torch.Tensor] = [torch.empty(0)] * len(order)
         counts: list[torch.Tensor] = [torch.empty(0)] * len(order)
         for i in order:
             r = torch.from_numpy(np.ascontiguousarray(raw[i], dtype=np.float32))
             d = torch.from_numpy(np.ascontiguousarray(denoised[i], dtype=np.float32))
             outs[i], _ = avg.apply(r, d)
+            if raw[i].dtype in (np.uint8, np.uint16):  # the noise law from the still frames, as the stream does
+                field.add(raw[i], avg.still)
+                fitted = field.take()
+                if fitted is not None:
+                    avg.set_noise(fitted)
             state = avg._states.get((0, 0))
             counts[i] = state.count.clone() if state is not None and max_frames > 1 else torch.ones_like(d)
         return outs, counts

@@ -202,3 +202,70 @@ def test_serve_with_auto_preset_calibrates_each_channel(tmp_path):
     presets = {name: ch["preset"] for name, ch in report["channels"].items()}
     assert presets["white"]["name"] == "auto(confocal)" and presets["white"]["n_chan"] == 2
     assert presets["widefield"]["name"] == "auto(widefield)" and presets["widefield"]["n_chan"] == 1
+
+
+def test_frames_where_a_cell_moves_still_pin_the_gain():
+    """A stream's still frames may hold a moving cell: its tiles' differences are the scene's, not
+    noise, and are left out of their bins (CHANGED_TILE); with them in, the gain came out 2.90."""
+    scene = make_scene((256, 256), np.random.default_rng(0), peak=300, background=10)
+    cam = Camera(gain=2.0, read_noise=2.0, offset=100.0)
+    yy, xx = np.mgrid[:256, :256]
+    rng = np.random.default_rng(1)
+    frames = []
+    for t in range(8):  # a bright 20-pixel cell crossing the field, 6 pixels a frame (~2 % of the tiles)
+        cell = 400.0 * np.exp(-((yy - 128) ** 2 + (xx - 40 - 6 * t) ** 2) / (2 * 10.0**2))
+        frames.append(cam.expose(scene + cell, rng))
+    est = estimate_noise_frames(frames)
+    assert est.a == pytest.approx(2.0, rel=0.03), est
+
+
+def test_field_noise_fits_each_full_window_of_still_frames_and_restarts_on_a_moved_one():
+    from fm2s_stream.calibrate import FieldNoise
+
+    cam = Camera(gain=5.0, read_noise=2.0, offset=100.0)
+    rng = np.random.default_rng(2)
+    field = FieldNoise(frames=8, side=256)
+    for i in range(7):  # the first frame of a stream has nothing before it: not still
+        field.add(cam.expose(SCENE, rng), still=i > 0)
+    assert not field.due and field.take() is None
+    field.add(cam.expose(SCENE, rng), still=False)  # the stage moved: a new window starts here
+    for _ in range(6):
+        field.add(cam.expose(SCENE, rng), still=True)
+    field.add(cam.expose(SCENE, rng), still=True, where=(1, 0))  # another stage position: afresh again
+    assert not field.due
+    for _ in range(7):
+        field.add(cam.expose(SCENE, rng), still=True, where=(1, 0))
+    est = field.take()
+    assert est is not None and est.frames == 8 and est.tiles_used > 7000  # 7 pairs of a 256x256 centre
+    assert est.a == pytest.approx(5.0, rel=0.03), est
+    assert field.fits == 1 and field.latest is est and not field.due and field.take() is None
+
+
+def test_a_stream_learns_its_cameras_noise_law_from_its_still_frames():
+    """One estimator: a channel's still frames are fitted as `calibrate` fits a T axis, and the fit
+    becomes the temporal average's noise model and (--preset auto) the re-calibrations' law."""
+    from dataclasses import replace
+
+    import torch
+
+    from fm2s_stream.channel import Channel, channel_config
+    from fm2s_stream.noise import box_mean_variance
+
+    cam = Camera(gain=3.0, read_noise=2.0, offset=100.0)
+    scene = make_scene((256, 256), np.random.default_rng(0), peak=200, background=10)
+    rng = np.random.default_rng(1)
+    config = replace(channel_config("auto", device=torch.device("cpu")), recalibrate_every=10)
+    channel = Channel("c", config, cam.expose(scene, rng))
+    first = channel.noise
+    recalibrated = []
+    for _ in range(10):
+        prep = channel.prepare(cam.expose(scene, rng))
+        channel.answer(prep)
+        recalibrated.append(channel.maintain(prep))
+    assert first is not None and first.frames == 1
+    assert channel.field.fits == 1 and channel.noise is not None and channel.noise.frames == 8
+    assert channel.noise.a == pytest.approx(3.0, rel=0.03), channel.noise
+    share = box_mean_variance(channel.noise.rho, 3)
+    assert channel.post.average.noise == pytest.approx((channel.noise.a * share, channel.noise.b * share))
+    assert recalibrated == [False] * 9 + [True]
+    assert channel.stats()["noise"]["frames"] == 8

@@ -115,3 +115,14 @@ def test_a_preset_with_rho_injects_correlated_noise_and_old_records_read_as_whit
     assert Preset.from_record(record).rho == 0.0
     with pytest.raises(ValueError, match="rho"):
         base.with_noise(1, 1, 1, rho=0.9)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3, 0.58, 0.7])
+def test_box_mean_variance_is_the_variance_of_the_3x3_mean_of_correlated_noise(rho):
+    from fm2s_stream.noise import box_mean_variance
+    from fm2s_stream.ops import BOX3, separable
+
+    noise = correlate(torch.randn((1, 1, 1024, 1024), generator=torch.Generator().manual_seed(0)), rho)[0, 0]
+    box = separable(noise, BOX3, BOX3)[2:-2, 2:-2]
+    assert float(box.var() / noise.var()) == pytest.approx(box_mean_variance(rho, 3), rel=0.03)
+    assert box_mean_variance(0.0, 3) == pytest.approx(1 / 9)

@@ -71,18 +71,37 @@ def test_average_follows_a_drifting_stage_instead_of_smearing_it():
     assert np.mean(scores[True]) > np.mean(scores[False]) + 2  # ... and sharp, where unregistered it smears
 
 
-def test_the_noise_refit_waits_for_the_time_between_frames_and_is_never_lost():
-    lapse = TimeLapse((128, 128), CAMERA, seed=4, peak=60, background=3)  # a still field
-    frames = [tuple(torch.from_numpy(a.astype(np.float32)) for a in lapse.frame(t)) for t in range(6)]
-    avg, noises = TemporalAverage(8), []
-    for raw, truth in frames:
-        avg.apply(raw, truth)
-        after_answer = avg.noise
-        avg.between_frames()
-        noises.append((after_answer, avg.noise))
-    # from the second (static) frame on, each answer leaves a refit for later; between_frames does it
-    assert all(answered != refitted for answered, refitted in noises[1:]), noises
-    lazy = TemporalAverage(8)  # nobody calls between_frames: the next apply refits first
-    for raw, truth in frames[:3]:
-        lazy.apply(raw, truth)
-    assert lazy.noise == noises[1][1]
+def test_the_average_tells_still_frames_from_moved_and_changed_ones():
+    """`still` feeds the multi-frame noise fit (calibrate.FieldNoise): only frames of one unmoved,
+    unchanged field may be differenced."""
+    def stills(lapse: TimeLapse, frames: range, avg: TemporalAverage) -> list[bool]:
+        out = []
+        for t in frames:
+            raw, truth = lapse.frame(t)
+            avg.apply(torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(truth.astype(np.float32)))
+            out.append(avg.still)
+        return out
+
+    static, avg = TimeLapse((128, 128), CAMERA, seed=4, drift=(0.0, 0.0), peak=60, background=3), TemporalAverage(8)
+    assert stills(static, range(6), avg) == [False] + [True] * 5  # the first frame has nothing before it
+    other = TimeLapse((128, 128), CAMERA, seed=9, drift=(0.0, 0.0), peak=60, background=3)
+    assert stills(other, range(2), avg) == [False, True]  # a new scene, then still again
+    assert stills(TimeLapse((128, 128), CAMERA, seed=4, drift=(0.4, 0.0), peak=60, background=3), range(4),
+                  TemporalAverage(8)) == [False] * 4  # a drifting stage is registered, never still
+
+
+def test_a_newer_noise_law_replaces_the_first_guess_through_its_correlation():
+    from fm2s_stream.calibrate import estimate_noise_frames
+    from fm2s_stream.noise import box_mean_variance
+
+    lapse = TimeLapse((128, 128), CAMERA, seed=4, drift=(0.0, 0.0), peak=60, background=3)
+    frames = [lapse.frame(t)[0] for t in range(8)]
+    avg = TemporalAverage(8)
+    avg.apply(torch.from_numpy(frames[0].astype(np.float32)), torch.from_numpy(frames[0].astype(np.float32)))
+    guess = avg.noise  # the first frame's own single-frame fit
+    est = estimate_noise_frames(frames)
+    avg.set_noise(est)
+    share = box_mean_variance(est.rho, 3)
+    assert guess is not None and avg.noise != guess
+    assert avg.noise == pytest.approx((est.a * share, est.b * share))
+    assert share > 2.5 / 9  # the camera's correlated noise: a 3x3 mean keeps far more than a ninth of it
