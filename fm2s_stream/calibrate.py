@@ -292,7 +292,7 @@ def estimate_noise_frames(frames: list[np.ndarray], bins: int = 16) -> NoiseEsti
 
 
 FIELD_FRAMES = 8  # still frames per multi-frame fit of a stream (benchmarks/calibration.py: gain within 3 %)
-FIELD_SIDE = 256  # central crop a stream's multi-frame fit uses: 7 pairs x 1024 tiles, ~10 ms per fit
+FIELD_SIDE = 256  # central crop a stream's multi-frame fit uses: 7 pairs x 1024 tiles, ~17 ms per fit (2-core EPYC)
 
 
 class FieldNoise:

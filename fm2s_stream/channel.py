@@ -296,7 +296,7 @@ class Channel:
 
     def maintain(self, prep: Prepared) -> bool:
         """Work after the answer: the frame joins the multi-frame noise fit (a full window of still
-        frames is fitted now, ~10 ms, and refines the temporal average's noise); every
+        frames is fitted now, ~17 ms on 2 cores, and refines the temporal average's noise); every
         `recalibrate_every` frames (--preset auto) the FM2S noise parameters are re-derived, from the
         latest multi-frame fit if one came within that time, else from a bounded central crop of this
         frame, and move a third of the way there (log domain). True if that recalibration ran."""
