@@ -51,6 +51,7 @@ class Schedule:
     bf16: train with bfloat16 autocast where the hardware runs it natively (~2x faster steps on CPUs
     with AMX; weights and the loss stay float32);
     tile_pad: padding of the noise's tile map ("zeros" in the authors' code, see noise.tile_means);
+    poisson: the injection's Poisson sampler (noise.poisson: "parallel" on the CPU, or torch's);
     faithful_output: the authors' output: no photometric anchoring, clamp to [0, 1], truncation to
     integers (their `.int()`) instead of rounding.
     """
@@ -69,6 +70,7 @@ class Schedule:
     bf16: bool = False
     shared_noise: bool = False
     tile_pad: str = "replicate"
+    poisson: str = "parallel"
     faithful_output: bool = False
 
     @property
@@ -89,8 +91,10 @@ PAPER_SEED = 3407  # the authors' torch.manual_seed (`denoise --method paper` us
 
 SCHEDULES: dict[str, Schedule] = {
     # the authors' FM2S.py step for step (../shared/FINDINGS.md): full frame, 5 + 450 x 5 Adam steps at
-    # 1e-3, independent noise per replicated channel, zero-padded tile map, truncated output
-    "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median", tile_pad="zeros", faithful_output=True),
+    # 1e-3, independent noise per replicated channel, zero-padded tile map, torch's Poisson sampler,
+    # truncated output
+    "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median", tile_pad="zeros", poisson="torch",
+                      faithful_output=True),
     "fast": Schedule("fast", 5, 900, 1, 128, 4, 2e-3, 1e-3, "mix", tta=8, bf16=True, shared_noise=True),
 }
 
@@ -274,6 +278,7 @@ class Trainer:
         self.bf16 = schedule.bf16 and fast_inference_dtype(self.device) == torch.bfloat16
         self.shared_noise = schedule.shared_noise
         self.injector.pad = schedule.tile_pad
+        self.injector.sampler = schedule.poisson
         self.set_lr(schedule.lr)
         self.structure_steps(raw, target, schedule.stage1_steps)
         decay = None if schedule.lr == schedule.lr_final else (schedule.lr, schedule.lr_final)

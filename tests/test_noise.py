@@ -1,7 +1,10 @@
+import numba
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
-from fm2s_stream.noise import M_MAX, NoiseInjector, correlate, inject_noise, tile_means
+from fm2s_stream.noise import M_MAX, NoiseInjector, correlate, inject_noise, poisson, tile_means
 from fm2s_stream.presets import NOISE_LEVELS, PRESETS, Preset, get_preset
 
 
@@ -126,3 +129,48 @@ def test_box_mean_variance_is_the_variance_of_the_3x3_mean_of_correlated_noise(r
     box = separable(noise, BOX3, BOX3)[2:-2, 2:-2]
     assert float(box.var() / noise.var()) == pytest.approx(box_mean_variance(rho, 3), rel=0.03)
     assert box_mean_variance(0.0, 3) == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.7, 3.0, 9.99, 10.0, 25.0, 180.0, 5000.0, 1e7])
+def test_the_parallel_poisson_sampler_draws_poisson_counts(rate):
+    """Mean and variance are the rate's (a float32 rate once gave var 0.75 x rate at 1e7: log(rate) in
+    float32 precision), and below 100 the counts follow the Poisson pmf (chi-square)."""
+    draws = poisson(torch.full((200_000,), rate), torch.Generator().manual_seed(1)).double().numpy()
+    assert np.all(draws == np.round(draws)) and draws.min() >= 0
+    n = draws.size
+    assert abs(draws.mean() / rate - 1) < 5 * (1 / (rate * n)) ** 0.5
+    assert abs(draws.var() / rate - 1) < 5 * ((2 + 1 / rate) / n) ** 0.5
+    if rate < 100:
+        ks = np.arange(0, int(rate + 8 * rate**0.5) + 8)
+        expected = stats.poisson.pmf(ks, rate) * n
+        keep = expected > 20
+        observed = np.array([(draws == k).sum() for k in ks])
+        chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+        assert stats.chi2.sf(chi2, max(1, int(keep.sum()) - 1)) > 1e-4
+
+
+def test_the_parallel_poisson_sampler_is_seeded_independent_per_pixel_and_thread_count_free():
+    rate = torch.rand(4, 1, 128, 128) * 300
+    threads = numba.get_num_threads()
+    first = poisson(rate, torch.Generator().manual_seed(5))
+    numba.set_num_threads(1)
+    try:
+        assert torch.equal(poisson(rate, torch.Generator().manual_seed(5)), first)
+    finally:
+        numba.set_num_threads(threads)
+    assert not torch.equal(poisson(rate, torch.Generator().manual_seed(6)), first)
+    flat = poisson(torch.full((4, 1, 256, 256), 50.0), torch.Generator().manual_seed(2)) - 50.0
+    for a, b in ((flat[..., 1:], flat[..., :-1]), (flat[..., 1:, :], flat[..., :-1, :]), (flat[0], flat[1])):
+        assert abs(float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])) < 0.01
+    assert torch.equal(poisson(torch.tensor([0.0, -1.0, float("nan")]), torch.Generator()), torch.zeros(3))
+
+
+def test_the_paper_schedule_draws_with_torchs_sampler_and_the_rest_with_the_parallel_one():
+    from fm2s_stream.training import SCHEDULES
+
+    assert SCHEDULES["paper"].poisson == "torch" and SCHEDULES["fast"].poisson == "parallel"
+    rate = torch.rand(1, 1, 64, 64) * 40
+    assert torch.equal(poisson(rate, torch.Generator().manual_seed(3), "torch"),
+                       torch.poisson(rate, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="sampler"):
+        poisson(rate, None, "numpy")
