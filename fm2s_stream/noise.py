@@ -102,6 +102,8 @@ def _poisson_kernel(rate: np.ndarray, seed: np.uint64, out: np.ndarray) -> None:
         state = _mix(seed ^ (np.uint64(i) * _GAMMA))
         if not lam > 0.0:  # 0, negative and NaN rates give 0
             out[i] = 0.0
+        elif lam > 1e15:  # beyond float32's resolution of the spread (and inf): the rate itself
+            out[i] = lam
         elif lam < 10.0:
             limit, prod, k = math.exp(-lam), 1.0, -1
             while True:
