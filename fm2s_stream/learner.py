@@ -96,8 +96,7 @@ class Learner:
         self.net: FM2SNet = new_network(preset.n_chan, seed, device)
         self.trainer = Trainer(self.net, preset, device, seed=seed, lr=schedule.lr)
         self.trainer.bf16 = train_bf16 and fast_inference_dtype(device) == torch.bfloat16
-        self.trainer.shared_noise = schedule.shared_noise
-        self.trainer.injector.sampler = schedule.poisson
+        self.trainer.follow(schedule)
         self.inference_dtype = (fast_inference_dtype(device) if inference_dtype == "auto"
                                 else getattr(torch, inference_dtype))
         self.steps = 0  # all steps taken (cold start included)

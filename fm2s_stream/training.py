@@ -207,6 +207,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def follow(self, schedule: Schedule) -> None:
+        """Draw each step's noise as `schedule` says from now on: shared across the replicated
+        channels or not, the tile map's padding, the Poisson sampler."""
+        self.shared_noise = schedule.shared_noise
+        self.injector.pad = schedule.tile_pad
+        self.injector.sampler = schedule.poisson
+
     def set_preset(self, preset: Preset) -> None:
         """Inject noise of a new strength from now on (a channel's noise re-calibration)."""
         self.preset = self.injector.preset = preset
@@ -276,9 +283,7 @@ class Trainer:
     def fit(self, raw: torch.Tensor, target: torch.Tensor, schedule: Schedule) -> TrainReport:
         """Both stages of `schedule` on one frame ((1, 1, H, W) raw and target in [0, 1])."""
         self.bf16 = schedule.bf16 and fast_inference_dtype(self.device) == torch.bfloat16
-        self.shared_noise = schedule.shared_noise
-        self.injector.pad = schedule.tile_pad
-        self.injector.sampler = schedule.poisson
+        self.follow(schedule)
         self.set_lr(schedule.lr)
         self.structure_steps(raw, target, schedule.stage1_steps)
         decay = None if schedule.lr == schedule.lr_final else (schedule.lr, schedule.lr_final)
