@@ -197,11 +197,12 @@ def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: f
     for lo, hi in itertools.pairwise(edges):
         sel = (key >= lo) & (key <= hi)
         if sel.sum() >= 8:
-            med = float(np.median(n[sel]))
+            ns = n[sel]
+            med = float(np.median(ns))
             xs.append(float(np.median(m[sel]) if by is None else np.mean(m[sel])))
-            ys.append(med / median_bias if robust else float(np.mean(n[sel][n[sel] <= CHANGED_TILE * med])))
-            ws.append(float(sel.sum()))
-            spread.append(float(np.median(np.abs(n[sel] - med))) * 1.4826 / max(med, 1e-12))
+            ys.append(med / median_bias if robust else float(np.mean(ns[ns <= CHANGED_TILE * med])))
+            ws.append(float(ns.size))
+            spread.append(float(np.median(np.abs(ns - med))) * 1.4826 / max(med, 1e-12))
     x, y, wt = np.array(xs), np.array(ys), np.array(ws)
     if x.size == 0 or not np.all(np.isfinite(y)):
         raise ValueError("too few flat regions to estimate the noise")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import host_kernels
+from .ops import host_kernels, to_host
 from .presets import MAX_RHO, Preset
 
 __all__ = ["M_MAX", "M_MIN", "POISSON_SAMPLERS", "NoiseInjector", "box_mean_variance", "correlate",
@@ -144,7 +144,7 @@ def poisson(rate: torch.Tensor, generator: torch.Generator | None = None, sample
     if sampler == "torch" or not host_kernels(rate) or rate.dtype != torch.float32:
         return torch.poisson(rate, generator=generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    flat = rate.detach().contiguous().view(-1).numpy()
+    flat = to_host(rate).reshape(-1)
     out = np.empty_like(flat)
     _poisson_kernel(flat, np.uint64(seed), out)
     return torch.from_numpy(out).view(rate.shape)
