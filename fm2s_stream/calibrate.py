@@ -6,7 +6,8 @@ the mean, the variance, the variance of horizontal/vertical first differences (w
 structure) and the least-squares slopes (whose excess over noise is taken out of the differences:
 the flanks of cells). Tiles whose variance is much larger than the difference-based noise variance
 hold structure and are dropped; the rest are binned by mean (half the bins by tile count, half by
-level, so the few bright tiles weigh), each bin gives a robust (median) noise variance, and a
+level, so the few bright tiles weigh; under correlated noise by their neighbours' mean instead, see
+`_neighbour_levels`), each bin gives a robust (median) noise variance, and a
 weighted line fit gives (a, b); bins significantly above the line are refitted without, since
 structure that got past the flatness test only adds variance and gathers in the bright bins that
 carry the slope. The lag-1 noise correlation rho is estimated from lag-1..3 differences combined so
@@ -20,9 +21,11 @@ with the bins predicted as differences of correlated neighbours clipped together
 
 Measured (benchmarks/calibration.py, 512x512 synthetic frames, gain 0.5-20 ADU/e-, read noise 1-10 e-,
 8 and 16 bit, white and correlated noise, 20 noise draws per cell): the gain's bias (mean error over
-draws) is within 10 % in all 36 cells (at most 6.2 %); 93 % of single frames are within 10 % (rms
-5.8 %). One frame pins the gain less well where read noise dominates (read 10 e-: sd 6-11 %, its
-variance spans only 25..44 ADU^2 in 8 bit); streaming re-estimates and smooths over frames.
+draws) is within 10 % in all 36 cells (at most 6.2 %); 95 % of single frames are within 10 % (rms
+5.8 %). One frame pins the gain less well where read noise dominates (read 10 e-: sd 5-12 %, its
+variance spans only 25..44 ADU^2 in 8 bit); streaming re-estimates and smooths over frames. On the
+dev FMD ground truths as photon maps with correlated cameras (the same benchmark, part 2), binning by
+the neighbours' level took the mean gain error where the gain is identifiable from 53-71 % to 5-8 %.
 
 `fm2s_parameters` maps the estimate onto a base preset: it keeps the preset's balance between its
 three noise terms and scales their strength so that the injected noise, relative to the real noise
@@ -52,6 +55,11 @@ __all__ = ["CORRELATED_INJECTION_RATIO", "REFERENCE_RATIO", "FieldNoise", "Noise
 TILE = 8
 QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
 CLIP_SIGMAS = 3.0  # a bin whose mean is closer to 0 than this many noise std is affected by clipping
+CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 channel, 11x11 median) is used
+# correlated noise: a tile is binned by its 8 neighbours' mean level, and kept only where its own mean lies
+# within this many standard errors of theirs (see _neighbour_levels)
+NEIGHBOUR_AGREEMENT = 2.0
+NEIGHBOUR_MIN_TILES = 128  # fewer tiles agreeing (a small frame, e.g. 128x128) bin by their own levels: 16 bins of 8
 # injected-to-real noise variance ratio of the paper presets on the 12 FMD dev images at their median
 # level, each image with its own preset (geometric mean per noise class, benchmarks/calibration.py):
 # white noise (confocal 1.0 and two-photon 2.55 images: the confocal base) and spatially correlated
@@ -164,12 +172,41 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
     smooth = ok & (var < 1.5 * dvar / one_minus_rho)  # structure inflates var far above the difference estimate
     # the correlated part of the noise, then the rounding's white part (it does not shrink differences)
     noise = np.maximum(dvar - excess / 4.0 - QUANTIZATION, 0.0) / one_minus_rho + QUANTIZATION
+    by = None
+    if rho > CORRELATED:
+        ring, agree = _neighbour_levels(mean, noise, rho, h // TILE, w // TILE)
+        if np.count_nonzero(smooth & agree) >= NEIGHBOUR_MIN_TILES:  # else (small frames) by their own levels
+            by, smooth = ring, smooth & agree
     m, n = mean[smooth], noise[smooth]
     if m.size < 16:
         raise ValueError("frame too structured or too small to estimate its noise (need flat regions)")
-    a, b, clipped, curve = _fit_law(m, n, bins, min(rho, 0.95), _median_bias(TILE))
+    a, b, clipped, curve = _fit_law(m, n, bins, min(rho, 0.95), _median_bias(TILE),
+                                    by=None if by is None else by[smooth])
     black = float(np.quantile(mean[ok], 0.001))
     return NoiseEstimate(a, b, rho, black, float(np.median(mean[ok])), int(m.size), clipped, 1, curve)
+
+
+def _neighbour_levels(mean: np.ndarray, noise: np.ndarray, rho: float, ny: int, nx: int) -> tuple[
+        np.ndarray, np.ndarray]:
+    """Per tile: the mean level of its 8 neighbours (mirrored at the border), and whether the tile's own
+    mean agrees with it within NEIGHBOUR_AGREEMENT standard errors of the two.
+
+    Correlated noise makes an 8x8 mean ~5x noisier (rho 0.55: the correlation sum), so binned by their
+    own means, the background tiles of one true level spread along the level axis at one variance and
+    flatten the slope (on FMD ground truths as photon maps with correlated cameras: gain -50..-80 %,
+    variance at mid level -30..-40 %). Binned by their neighbours' mean, whose noise is independent of
+    theirs, a bin's mean own level is unbiased for its tiles' true level, as `estimate_noise_frames`
+    bins by the other frames. Tiles that differ from their neighbours (edges of cells) are dropped.
+    """
+    def neighbours(v: np.ndarray) -> np.ndarray:
+        grid = v.reshape(ny, nx)
+        return ((ndimage.uniform_filter(grid, 3, mode="mirror") * 9 - grid) / 8).ravel()
+
+    ring = neighbours(mean)
+    # standard error of a tile mean, and of the neighbours' (8 tiles: 1/8 of its variance), from the
+    # neighbours' noise: the tile's own would keep its noisier draws more often
+    se = np.sqrt(np.maximum(neighbours(noise), 1e-12) * _correlation_sum(rho) / (TILE * TILE) * (1 + 1 / 8))
+    return ring, np.abs(mean - ring) <= NEIGHBOUR_AGREEMENT * se
 
 
 def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: float,
@@ -529,9 +566,6 @@ def fm2s_parameters(est: NoiseEstimate, frame: np.ndarray, base: str | Preset = 
     s = ratio * real / max(preset_variance(p, x), 1e-12)  # variance scale factor
     return p.with_noise(k_g=p.k_g * math.sqrt(s), k_p=p.k_p / s, lambda_p=p.lambda_p / s, name=f"auto({p.name})",
                         rho=min(est.rho, MAX_RHO) if correlated else 0.0)
-
-
-CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 channel, 11x11 median) is used
 
 
 def estimate_noise_or_none(frame: np.ndarray) -> NoiseEstimate | None:
