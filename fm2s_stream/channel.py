@@ -25,10 +25,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .anchor import anchor
 from .calibrate import FieldNoise, NoiseEstimate, auto_base, auto_preset, estimate_noise_or_none
 from .devices import download, upload
 from .learner import Learner, cold_start_schedule
-from .ops import float_and_affine, gaussian, halve, one_thread, overlap, shift_fraction
+from .ops import float_and_affine, gaussian, halve, median, one_thread, overlap, rounded, shift_fraction
 from .postprocess import PostProcess
 from .presets import Preset, get_preset
 from .registration import refine_shift, register_shift
@@ -83,9 +84,10 @@ class ChannelConfig:
 def warm_up() -> None:
     """Pay the one-off costs of a process before the first frame does: torch's optimiser machinery
     (its first Adam imports torch._dynamo, ~1.2 s) and the compiled kernels (compiled on a machine's
-    first run, several seconds; loaded from numba's cache after that). The averaging runs two frames
-    of a moving 64x64 field, so that every kernel of its second frame on (registration, the three
-    scales, the sub-pixel shift, the update) is compiled too, not only the first frame's."""
+    first run, several seconds; loaded from numba's cache after that), for both camera dtypes. The
+    averaging runs two frames of a moving 64x64 field, so that every kernel of its second frame on
+    (registration, the three scales, the sub-pixel shift, the update) is compiled too, not only the
+    first frame's. tests/test_pipeline.py checks that a stream compiles nothing after it."""
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     rng = np.random.default_rng(0)
     field = rng.uniform(100, 200, (72, 72)).astype(np.float32)
@@ -96,6 +98,10 @@ def warm_up() -> None:
     halve(frame)
     for dtype in (np.uint8, np.uint16):
         estimate_noise_or_none(np.full((16, 16), 100, dtype))
+        # the frame path's host kernels per camera dtype: scaling in, anchoring, rounding out
+        plain, _ = float_and_affine(torch.from_numpy(rng.integers(90, 110, (64, 64)).astype(dtype)), 1 / 4000, 0.0)
+        rounded(anchor(plain, plain, 8.0), torch.uint8 if dtype == np.uint8 else torch.uint16)
+    median(plain, 11)  # the wide median target of the widefield base (correlated noise); 3x3 is another kernel
     # a channel's first learning steps and answers at the stream's own shapes (torch prepares its
     # kernels per shape: the 256x256 stage-1 crop, 128x128 cold and 96x96 fine-tune crops, the
     # 261/266-pixel inference tiles of frames >= 512x512): measured, a first 512x512 cold step cost 138

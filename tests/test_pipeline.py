@@ -109,3 +109,50 @@ def test_under_overload_a_latency_bound_sheds_late_frames_to_the_classical_answe
     assert shed == statuses.count("bootstrap") >= len(burst) // 2, statuses
     assert pipe.stats()["counts"]["shed"] == shed
     assert all(sink.by_id[fid].degraded for fid in burst if sink.by_id[fid].status == "bootstrap")
+
+
+_NO_COMPILE_AFTER_WARM_UP = """
+import importlib, json, pkgutil
+import numpy as np
+from numba.core.registry import CPUDispatcher
+import fm2s_stream
+from fm2s_stream.channel import channel_config
+from fm2s_stream.frame import Frame
+from fm2s_stream.pipeline import Pipeline, PipelineConfig
+from fm2s_stream.sinks import MemorySink
+from fm2s_stream.synthetic import Camera, make_scene
+
+mods = [importlib.import_module("fm2s_stream." + m.name) for m in pkgutil.iter_modules(fm2s_stream.__path__)]
+
+def kernels():
+    return {v.py_func.__module__ + "." + v.py_func.__name__: set(map(str, v.signatures))
+            for m in mods for v in vars(m).values() if isinstance(v, CPUDispatcher)}
+
+sink = MemorySink()
+config = channel_config("auto", cold_start_steps=15, cold_start_crop=64, finetune_crop=64)
+pipe = Pipeline(PipelineConfig(config, cold_start="wait"), [sink]).start()  # start() warms up
+before = kernels()
+scene = make_scene((256, 256), np.random.default_rng(0), peak=100, background=5)
+for name, cam in (("c16", Camera(correlation=0.7)), ("c8", Camera(gain=0.5, offset=10.0, bit_depth=8))):
+    for t in range(6):
+        pipe.submit(Frame(cam.expose(scene, np.random.default_rng(t)), channel=name, t=t))
+pipe.stop()
+new = {k: sorted(v - before.get(k, set())) for k, v in kernels().items() if v - before.get(k, set())}
+print(json.dumps({"statuses": sorted({r.status for r in sink.results}), "frames": len(sink.results), "new": new}))
+"""
+
+
+def test_after_the_warm_up_a_stream_of_either_camera_dtype_compiles_no_kernel():
+    # a kernel compiled on a stream's first frames costs that frame seconds on a machine's first run
+    # (a cold numba cache: the demo's first frames waited ~2.5 s); in a fresh process, so that kernels
+    # other tests loaded do not hide one
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _NO_COMPILE_AFTER_WARM_UP], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["frames"] == 12 and report["statuses"] == ["denoised"], report
+    assert report["new"] == {}, report["new"]
