@@ -22,7 +22,7 @@ from fm2s_stream.presets import get_preset
 from fm2s_stream.sinks import MemorySink
 from fm2s_stream.state import StateStore
 from fm2s_stream.training import SCHEDULES, scaled
-from tests.streamkit import fault_row, noisy_frames
+from tests.streamkit import OUTSIDE, fault_row, noisy_frames
 
 FAST = dict(cold_start_steps=12, cold_start_crop=32, finetune_crop=32)
 
@@ -144,7 +144,7 @@ def test_sigkill_during_saves_leaves_a_loadable_state(tmp_path):
     mid_save = attempt = 0
     while mid_save < 2 and attempt < 12:  # a real process, saving in a loop, killed at a random moment
         attempt += 1
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE)
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE, cwd=OUTSIDE)
         assert saver.stdout is not None and saver.stdout.readline() == b"saving\n"
         time.sleep(0.2 + 0.07 * attempt)
         saver.send_signal(signal.SIGKILL)
