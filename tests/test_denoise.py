@@ -36,6 +36,22 @@ def test_trainer_reduces_loss():
     assert report.last_loss < 0.5 * report.first_loss
 
 
+def test_weight_averaging_keeps_the_mean_of_the_weights_after_each_step_from_its_start():
+    noisy, _ = scene(8)
+    y = torch.from_numpy(noisy.astype(np.float32) / 255)[None, None]
+    trainer = Trainer(FM2SNet(2), get_preset("confocal"), torch.device("cpu"))
+    seen: list[list[torch.Tensor]] = []
+    trainer.on_step = lambda _: seen.append([p.detach().clone() for p in trainer.net.parameters()])
+    trainer.noise_steps(y, 12, 32, 2, lr_schedule=(2e-3, 1e-3), average_from=7)
+    assert len(seen) == 12
+    expected = [torch.stack(ws).mean(0) for ws in zip(*seen[7:])]
+    last = seen[-1]
+    for p, e, w in zip(trainer.net.parameters(), expected, last, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p.detach(), w)  # not simply the last step's weights
+    assert SCHEDULES["fast"].average_from == 0.5 and SCHEDULES["paper"].average_from == 1.0
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_denoising_raises_psnr_and_keeps_dtype(bits):
     noisy, gt = scene(bits)
