@@ -99,7 +99,7 @@ SCHEDULES: dict[str, Schedule] = {
     "paper": Schedule("paper", 5, 450, 5, None, 1, 1e-3, 1e-3, "median", tile_pad="zeros", poisson="torch",
                       faithful_output=True),
     # fast: random crops, a cosine-decayed rate, the mix target, weights averaged over stage 2's second
-    # half (README "Quality": the seed-to-seed spread of one image falls from +-0.2 dB to +-0.02)
+    # half (README "Quality": one dev image's seed-to-seed spread, up to +-0.19 dB, falls to +-0.03 at most)
     "fast": Schedule("fast", 5, 900, 1, 128, 4, 2e-3, 1e-3, "mix", tta=8, bf16=True, shared_noise=True,
                      average_from=0.5),
 }
