@@ -320,7 +320,7 @@ class Trainer:
             schedule.batch,
             lr_schedule=decay,
             steps_per_injection=schedule.steps_per_round,
-            average_from=int(schedule.average_from * steps) if schedule.average_from < 1 else None,
+            average_from=int(schedule.average_from * steps),  # 1.0: from past the last step, so none
         )
         if schedule.refine_steps:
             refined = infer(self.net, raw)
