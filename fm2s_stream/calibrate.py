@@ -48,13 +48,15 @@ from scipy import ndimage, optimize, special
 from .presets import MAX_RHO, Preset, get_preset
 from .scaling import check_frame, scaling_for
 
-__all__ = ["CORRELATED_INJECTION_RATIO", "REFERENCE_RATIO", "FieldNoise", "NoiseEstimate", "auto_base", "auto_preset",
-           "calibrate", "estimate_noise", "estimate_noise_frames", "estimate_noise_or_none", "fm2s_parameters",
-           "tile_stats"]
+__all__ = ["CORRELATED_INJECTION_RATIO", "GAIN_PINNED", "REFERENCE_RATIO", "FieldNoise", "NoiseEstimate", "auto_base",
+           "auto_preset", "calibrate", "estimate_noise", "estimate_noise_frames", "estimate_noise_or_none",
+           "fm2s_parameters", "frame_gain_bound", "gain_bound", "tile_stats"]
 
 TILE = 8
 QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
 CLIP_SIGMAS = 3.0  # a bin whose mean is closer to 0 than this many noise std is affected by clipping
+# gain_bound above this (1 sd): even an estimate that knew the scene strays beyond 10 % in > 5 % of frames
+GAIN_PINNED = 0.05
 CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 channel, 11x11 median) is used
 # correlated noise: a tile is binned by its 8 neighbours' mean level, and kept only where its own mean lies
 # within this many standard errors of theirs (see _neighbour_levels)
@@ -593,6 +595,31 @@ def auto_preset(frame: np.ndarray, base: str | None = None, est: NoiseEstimate |
     return fm2s_parameters(est, frame, base or auto_base(est))
 
 
+def gain_bound(levels: np.ndarray, a: float, b: float, pixels: float = 1.0) -> float:
+    """The smallest relative standard deviation any unbiased estimate of the gain `a` can have from
+    pixels at these mean `levels` (each standing for `pixels` pixels) with noise var = a * level + b:
+    the Cramer-Rao bound for Gaussian pixels whose levels are known exactly. Real estimators must also
+    find the scene, so they do worse; where read noise swamps the shot noise of a dim scene this bound
+    alone is far above 10 % (benchmarks/calibration.py), and only more frames can pin the gain."""
+    lv = np.asarray(levels, np.float64).ravel()
+    var = np.maximum(a * lv + b, QUANTIZATION)
+    g = np.stack([lv, np.ones_like(lv)]) / var  # d var / d(a, b), over var
+    info = pixels / 2.0 * (g @ g.T)  # Fisher information of (a, b)
+    if abs(a) < 1e-12 or abs(float(np.linalg.det(info))) < 1e-300:
+        return math.inf
+    return float(math.sqrt(max(np.linalg.inv(info)[0, 0], 0.0)) / abs(a))
+
+
+def frame_gain_bound(frames: list[np.ndarray], a: float, b: float) -> float:
+    """`gain_bound` for these frames of one field with noise law (a, b): its 8x8 tile means stand for the
+    levels, saturated tiles carry nothing, and n frames hold n times one frame's information."""
+    frame = frames[0]
+    h, w = (frame.shape[0] // TILE) * TILE, (frame.shape[1] // TILE) * TILE
+    tiles = np.asarray(frame[:h, :w], np.float64).reshape(h // TILE, TILE, w // TILE, TILE)
+    unsaturated = tiles.max(axis=(1, 3)) < float(np.iinfo(frame.dtype).max)
+    return gain_bound(tiles.mean(axis=(1, 3))[unsaturated], a, b, TILE * TILE * len(frames))
+
+
 def calibrate(frames: np.ndarray | list[np.ndarray], base: str = "confocal",
               offset: float | None = None) -> dict[str, Any]:
     """The noise law of one field and the derived FM2S parameters, as a JSON-ready dict (what
@@ -600,7 +627,8 @@ def calibrate(frames: np.ndarray | list[np.ndarray], base: str = "confocal",
     `estimate_noise_frames`. The law is var = a * (level - offset) + b in ADU: a is the gain (ADU/e-),
     b the read-noise variance (ADU^2). `offset` is the camera's (ADU); without it the darkest 0.1 %
     of the frame's 8x8 means stand in for it (an upper bound: background light adds to them), and b
-    and the read noise depend on that guess (`offset_estimated`)."""
+    and the read noise depend on that guess (`offset_estimated`). `gain_sd_bound`: the relative standard
+    deviation below which no estimate of the gain from these frames can go (`frame_gain_bound`)."""
     planes = [frames] if isinstance(frames, np.ndarray) and frames.ndim == 2 else list(frames)
     est = estimate_noise(planes[0]) if len(planes) == 1 else estimate_noise_frames(planes)
     guessed = offset is None
@@ -611,9 +639,21 @@ def calibrate(frames: np.ndarray | list[np.ndarray], base: str = "confocal",
             "read_noise_e": math.sqrt(max(b_read, 0.0)) / max(est.a, 1e-12),
             "read_noise_adu": math.sqrt(max(b_read, 0.0)), "rho": est.rho, "frames": est.frames,
             "method": "single frame" if est.frames == 1 else "frame differences", "clipped": est.clipped,
+            "gain_sd_bound": frame_gain_bound(planes, est.a, est.b),
             "median_level": est.median_level, "tiles_used": est.tiles_used,
             "law": "var = a * (level - offset) + b (ADU)", "fm2s": asdict(preset),
             "ptc": [list(row) for row in est.bins]}
+
+
+def _precision(bound: float, frames: int) -> str:
+    """The gain line's note on how well these frames can pin it at best."""
+    if not math.isfinite(bound):
+        return "  (these levels cannot tell the gain at all: no shot noise to see)"
+    text = f"  (no estimate from {'this frame' if frames == 1 else 'these frames'} is surer than +-{100 * bound:.2g} %"
+    if bound > GAIN_PINNED:
+        needed = math.ceil(frames * (bound / GAIN_PINNED) ** 2)
+        return text + f": read noise swamps the shot noise; pinning it within 10 % takes {needed}+ frames)"
+    return text + ")"
 
 
 def calibration_table(report: dict[str, Any]) -> str:
@@ -623,7 +663,7 @@ def calibration_table(report: dict[str, Any]) -> str:
            else f"{r['frames']} frames, from their differences (the scene cancels)")
     lines = [
         f"  estimated from     {how}",
-        f"  gain               {r['a']:.4g} ADU/e-",
+        f"  gain               {r['a']:.4g} ADU/e-" + _precision(r["gain_sd_bound"], r["frames"]),
         f"  offset             {r['offset']:.4g} ADU"
         + ("  (a guess: the darkest regions; pass --offset for the camera's)" if r["offset_estimated"] else ""),
         f"  read noise         {r['read_noise_e']:.3g} e- = {r['read_noise_adu']:.3g} ADU",

@@ -10,9 +10,13 @@ from fm2s_stream.calibrate import (
     _clipped_difference_variance,
     _clipped_moments,
     _robust_line,
+    calibrate,
+    calibration_table,
     estimate_noise,
     estimate_noise_frames,
     fm2s_parameters,
+    frame_gain_bound,
+    gain_bound,
     preset_variance,
 )
 from fm2s_stream.presets import get_preset
@@ -142,6 +146,7 @@ def test_calibrate_cli_prints_a_table_or_json_with_the_contract_keys(tmp_path, c
     assert cli.main(["calibrate", str(path), "--offset", "100", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip())
     assert {"a", "gain_adu_per_e", "b", "offset", "read_noise_e", "rho", "fm2s"} <= set(out)
+    assert 0 < out["gain_sd_bound"] < 0.02  # shot noise dominates this camera: one frame can pin its gain
     assert out["gain_adu_per_e"] == out["a"] == pytest.approx(2.0, rel=0.15) and out["offset"] == 100
     # the law is var = a * (level - offset) + b: b is the read-noise variance, here (2 ADU/e- x 2 e-)^2
     assert out["b"] == pytest.approx(16.0, rel=0.5) and out["read_noise_e"] == pytest.approx(2.0, rel=0.3)
@@ -296,3 +301,28 @@ def test_a_stream_learns_its_cameras_noise_law_from_its_still_frames():
     assert channel.post.average.noise == pytest.approx((channel.noise.a * share, channel.noise.b * share))
     assert recalibrated == [False] * 9 + [True]
     assert channel.stats()["noise"]["frames"] == 8
+
+
+def test_gain_bound_is_the_spread_of_the_best_estimate_from_two_known_levels():
+    # pixels at two known levels: the two sample variances are sufficient and their difference over the
+    # level step is the efficient unbiased gain estimate, so its spread over draws is the Cramer-Rao bound
+    a, b, lv, n = 2.0, 100.0, np.array([20.0, 200.0]), 4000
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.0, np.sqrt(a * lv + b)[:, None, None], (2, 1000, n))
+    var = (draws**2).mean(axis=2)  # the levels are known: deviations from them, not from the sample mean
+    spread = np.std((var[1] - var[0]) / (lv[1] - lv[0])) / a
+    assert gain_bound(lv, a, b, pixels=n) == pytest.approx(spread, rel=0.08)
+    assert gain_bound(lv, a, b, pixels=4 * n) == pytest.approx(gain_bound(lv, a, b, pixels=n) / 2)
+
+
+def test_calibrate_says_when_one_frame_cannot_pin_the_gain():
+    dim = make_scene((512, 512), np.random.default_rng(0), peak=30, background=1)
+    shot = Camera(gain=2.0, read_noise=1.0).expose(dim, np.random.default_rng(1))
+    read = Camera(gain=2.0, read_noise=10.0).expose(dim, np.random.default_rng(1))
+    law = 2.0, 4.0 - 2.0 * 100  # var = 2 (level - 100) + (2 x 1)^2
+    assert frame_gain_bound([shot], *law) < 0.02
+    assert frame_gain_bound([read], 2.0, 400.0 - 200.0) > 0.05  # read noise 10 e-: shot is ~10 % of the variance
+    assert frame_gain_bound([read] * 8, 2.0, 200.0) == pytest.approx(frame_gain_bound([read], 2.0, 200.0) / np.sqrt(8))
+    table = calibration_table(calibrate(read, offset=100))
+    assert "read noise swamps the shot noise" in table and "frames)" in table
+    assert "read noise swamps" not in calibration_table(calibrate(shot, offset=100))
