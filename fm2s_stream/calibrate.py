@@ -600,9 +600,11 @@ def gain_bound(levels: np.ndarray, a: float, b: float, pixels: float = 1.0) -> f
     pixels at these mean `levels` (each standing for `pixels` pixels) with noise var = a * level + b:
     the Cramer-Rao bound for Gaussian pixels whose levels are known exactly. Real estimators must also
     find the scene, so they do worse; where read noise swamps the shot noise of a dim scene this bound
-    alone is far above 10 % (benchmarks/calibration.py), and only more frames can pin the gain."""
+    alone is far above 10 % (benchmarks/calibration.py), and only more frames can pin the gain. The
+    variance is taken as at least one electron's (a^2): fainter pixels count single photons, which a
+    Gaussian does not describe (a law fitted through clipping would otherwise claim noise-free levels)."""
     lv = np.asarray(levels, np.float64).ravel()
-    var = np.maximum(a * lv + b, QUANTIZATION)
+    var = np.maximum(a * lv + b, max(a * a, QUANTIZATION))
     g = np.stack([lv, np.ones_like(lv)]) / var  # d var / d(a, b), over var
     info = pixels / 2.0 * (g @ g.T)  # Fisher information of (a, b)
     if abs(a) < 1e-12 or abs(float(np.linalg.det(info))) < 1e-300:
