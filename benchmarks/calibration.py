@@ -10,7 +10,7 @@ spread (sd) and the share of single frames within 10 %.
 Part 2 (real, with data): the same cameras over real-structure scenes: the dev FMD ground truths as
 photon maps, and a synthetic scene. A 50-frame average still holds 1/50 of its exposures' noise, so
 each ground truth is scaled to its field's own photon level (8-bit value / the gain fitted from raw -
-truth): its leftover noise is then 1.3 / 1.6 % of the shot noise at the median level on confocal /
+truth): its leftover noise is then 1.3 / 1.6-1.8 % of the shot noise at the median level on confocal /
 two-photon, but 7-9 % on widefield, whose camera's read noise (b / 50 of the raw - truth law) adds to
 it; no single-frame estimate can tell it from camera noise, and the truth below leaves it out. Where
 the camera correlates the noise, the photon map is blurred by the same kernel (a camera whose
