@@ -607,8 +607,9 @@ def gain_bound(levels: np.ndarray, a: float, b: float, pixels: float = 1.0) -> f
     var = np.maximum(a * lv + b, max(a * a, QUANTIZATION))
     g = np.stack([lv, np.ones_like(lv)]) / var  # d var / d(a, b), over var
     info = pixels / 2.0 * (g @ g.T)  # Fisher information of (a, b)
-    if abs(a) < 1e-12 or abs(float(np.linalg.det(info))) < 1e-300:
-        return math.inf
+    scale = 1.0 / np.sqrt(np.maximum(np.diag(info), 1e-300))
+    if abs(a) < 1e-12 or lv.size == 0 or np.linalg.cond(info * np.outer(scale, scale)) > 1e10:
+        return math.inf  # one level (or none): the gain and the read noise cannot be told apart
     return float(math.sqrt(max(np.linalg.inv(info)[0, 0], 0.0)) / abs(a))
 
 
@@ -630,26 +631,28 @@ def calibrate(frames: np.ndarray | list[np.ndarray], base: str = "confocal",
     b the read-noise variance (ADU^2). `offset` is the camera's (ADU); without it the darkest 0.1 %
     of the frame's 8x8 means stand in for it (an upper bound: background light adds to them), and b
     and the read noise depend on that guess (`offset_estimated`). `gain_sd_bound`: the relative standard
-    deviation below which no estimate of the gain from these frames can go (`frame_gain_bound`)."""
+    deviation below which no estimate of the gain from these frames can go (`frame_gain_bound`; None
+    where their levels cannot tell the gain at all)."""
     planes = [frames] if isinstance(frames, np.ndarray) and frames.ndim == 2 else list(frames)
     est = estimate_noise(planes[0]) if len(planes) == 1 else estimate_noise_frames(planes)
     guessed = offset is None
     off = est.black if offset is None else float(offset)
+    bound = frame_gain_bound(planes, est.a, est.b)
     b_read = est.b + est.a * off  # var = a * level + b_cam  ==  a * (level - off) + (b_cam + a * off)
     preset = fm2s_parameters(est, planes[0], base)
     return {"a": est.a, "gain_adu_per_e": est.a, "b": b_read, "offset": off, "offset_estimated": guessed,
             "read_noise_e": math.sqrt(max(b_read, 0.0)) / max(est.a, 1e-12),
             "read_noise_adu": math.sqrt(max(b_read, 0.0)), "rho": est.rho, "frames": est.frames,
             "method": "single frame" if est.frames == 1 else "frame differences", "clipped": est.clipped,
-            "gain_sd_bound": frame_gain_bound(planes, est.a, est.b),
+            "gain_sd_bound": bound if math.isfinite(bound) else None,  # None: the levels cannot tell the gain
             "median_level": est.median_level, "tiles_used": est.tiles_used,
             "law": "var = a * (level - offset) + b (ADU)", "fm2s": asdict(preset),
             "ptc": [list(row) for row in est.bins]}
 
 
-def _precision(bound: float, frames: int) -> str:
+def _precision(bound: float | None, frames: int) -> str:
     """The gain line's note on how well these frames can pin it at best."""
-    if not math.isfinite(bound):
+    if bound is None:
         return "  (these levels cannot tell the gain at all: no shot noise to see)"
     text = f"  (no estimate from {'this frame' if frames == 1 else 'these frames'} is surer than +-{100 * bound:.2g} %"
     if bound > GAIN_PINNED:

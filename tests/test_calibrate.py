@@ -323,6 +323,7 @@ def test_calibrate_says_when_one_frame_cannot_pin_the_gain():
     assert frame_gain_bound([shot], *law) < 0.02
     assert frame_gain_bound([read], 2.0, 400.0 - 200.0) > 0.05  # read noise 10 e-: shot is ~10 % of the variance
     assert frame_gain_bound([read] * 8, 2.0, 200.0) == pytest.approx(frame_gain_bound([read], 2.0, 200.0) / np.sqrt(8))
+    assert gain_bound(np.full(100, 50.0), 2.0, 10.0) == np.inf  # one level: gain and read noise cannot be told apart
     table = calibration_table(calibrate(read, offset=100))
     assert "read noise swamps the shot noise" in table and "frames)" in table
     assert "read noise swamps" not in calibration_table(calibrate(shot, offset=100))
