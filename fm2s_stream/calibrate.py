@@ -618,9 +618,9 @@ def frame_gain_bound(frames: list[np.ndarray], a: float, b: float) -> float:
     levels, saturated tiles carry nothing, and n frames hold n times one frame's information."""
     frame = frames[0]
     h, w = (frame.shape[0] // TILE) * TILE, (frame.shape[1] // TILE) * TILE
-    tiles = np.asarray(frame[:h, :w], np.float64).reshape(h // TILE, TILE, w // TILE, TILE)
-    unsaturated = tiles.max(axis=(1, 3)) < float(np.iinfo(frame.dtype).max)
-    return gain_bound(tiles.mean(axis=(1, 3))[unsaturated], a, b, TILE * TILE * len(frames))
+    stats = tile_stats(np.ascontiguousarray(frame[:h, :w]), TILE)
+    unsaturated = stats[:, 3] < float(np.iinfo(frame.dtype).max)
+    return gain_bound(stats[unsaturated, 0], a, b, TILE * TILE * len(frames))
 
 
 def calibrate(frames: np.ndarray | list[np.ndarray], base: str = "confocal",
