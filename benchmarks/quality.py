@@ -5,8 +5,11 @@ usage: python benchmarks/quality.py --data ../shared/data/fmd [--methods raw,med
        e.g. --methods gauss1,auto,bm3d-oracle,bm3d-cal --seeds 3 (the default against BM3D, pip install ".[bench]")
 
 Methods: raw, median3, median5, gauss1 (classical); paper, fast (FM2S schedules, each image's paper
-preset); auto (fast, noise calibrated on the image); fast16 / auto16 (the image as a 16-bit camera
-would give it: x64 + offset 400 + read noise 16 ADU, denoised, mapped back to 8-bit levels).
+preset); auto (fast, noise calibrated on the image: the default); net (the default without its
+block-matched prior: the network alone); blockmatch (that prior alone: our own BM3D-class filter in the
+stabilised domain of the calibrated law, `fm2s_stream.blockmatch`; the raw frame where it declines);
+fast16 / auto16 (the image as a 16-bit camera would give it: x64 + offset 400 + read noise 16 ADU,
+denoised, mapped back to 8-bit levels).
 `--fast` overrides fields of the fast schedule (e.g. `rounds=300,target=median`) for experiments.
 Every method runs on the same images in one process, so timings compare on the same machine state.
 
@@ -192,6 +195,19 @@ def run_method(m: str, raw: np.ndarray, preset: str, fast: object, seed: int, gt
                        anchor_sigma=16.0 if m == "fast" else 0.0)
     if m == "auto":
         return denoise(raw, "auto", fast, device="cpu", seed=seed)  # type: ignore[arg-type]
+    if m == "net":
+        alone = dataclasses.replace(fast, prior_weight=0.0)  # type: ignore[type-var]
+        return denoise(raw, "auto", alone, device="cpu", seed=seed)
+    if m == "blockmatch":
+        from fm2s_stream.blockmatch import block_matched
+        from fm2s_stream.calibrate import estimate_noise
+
+        est = estimate_noise(raw)
+        prior = block_matched(raw, est.a, est.b, est.rho)
+        if prior.estimate is None:
+            print(f"  blockmatch declined: {prior.reason}", file=sys.stderr)
+            return raw
+        return np.clip(prior.estimate, 0, 255)
     if m in ("fast16", "auto16"):  # the same frame as a 16-bit camera would give it
         raw16 = to16(raw, np.random.default_rng(seed))
         out16 = denoise(raw16, "auto" if m == "auto16" else preset, fast, device="cpu", seed=seed)  # type: ignore[arg-type]
@@ -239,7 +255,7 @@ def main() -> None:
         cells = []
         for m in methods:
             runs = []
-            n_seeds = args.seeds if m in ("paper", "fast", "auto", "fast16", "auto16") else 1
+            n_seeds = args.seeds if m in ("paper", "fast", "auto", "net", "fast16", "auto16") else 1
             for seed in range(args.first_seed, args.first_seed + n_seeds):
                 t0 = time.perf_counter()
                 out = run_method(m, raw, preset, fast, seed, gt)

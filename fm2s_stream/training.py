@@ -55,7 +55,9 @@ class Schedule:
     faithful_output: the authors' output: no photometric anchoring, clamp to [0, 1], truncation to
     integers (their `.int()`) instead of rounding;
     average_from: the network kept is the mean of its weights over the steps of stage 2 from this
-    fraction of it on (stochastic weight averaging; 1.0: the last step's weights, as the paper).
+    fraction of it on (stochastic weight averaging; 1.0: the last step's weights, as the paper);
+    prior_weight: single frames only (`offline.denoise`): where the frame's noise law holds, its
+    block-matched estimate (`blockmatch`) is the target and has this weight in the output (0: unused).
     """
 
     name: str
@@ -75,6 +77,7 @@ class Schedule:
     poisson: str = "parallel"
     faithful_output: bool = False
     average_from: float = 1.0
+    prior_weight: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -100,8 +103,10 @@ SCHEDULES: dict[str, Schedule] = {
                       faithful_output=True),
     # fast: random crops, a cosine-decayed rate, the mix target, weights averaged over stage 2's second
     # half (README "Quality": one dev image's seed-to-seed spread, up to +-0.19 dB, falls to +-0.03 at most)
+    # where the frame's noise law holds (white noise), the block-matched estimate is the target and half
+    # the output (README "Quality": two-photon +0.25 dB over the network alone)
     "fast": Schedule("fast", 5, 900, 1, 128, 4, 2e-3, 1e-3, "mix", tta=8, bf16=True, shared_noise=True,
-                     average_from=0.5),
+                     average_from=0.5, prior_weight=0.5),
 }
 
 

@@ -136,3 +136,13 @@ def test_paper_output_is_truncated_as_the_authors_code_does_it():
                       anchor_sigma=0, init="random").astype(int)  # the paper's start, as for `truncated`
     diff = rounded - truncated  # the same network output: floor against rint
     assert set(np.unique(diff)) <= {0, 1} and 0.3 < diff.mean() < 0.7, np.unique(diff, return_counts=True)
+
+
+def test_fast_denoise_learns_towards_and_blends_the_block_matched_prior():
+    """White noise and a law that holds: the default output is the network's mean with the classical
+    estimate, which it also learnt towards; without the prior the same seed gives another, worse answer."""
+    noisy, gt = scene(8)
+    both = denoise(noisy, "auto", QUICK, device="cpu", seed=0)
+    alone = denoise(noisy, "auto", dataclasses.replace(QUICK, prior_weight=0.0), device="cpu", seed=0)
+    assert not np.array_equal(both, alone)
+    assert psnr(both, gt) > psnr(alone, gt)
