@@ -268,11 +268,14 @@ def main() -> None:
             cells.append(f"{p:6.2f}{spread}/{dt:5.1f}s")
         print(f"{name:24s} " + " ".join(f"{c:>19s}" for c in cells), flush=True)
     print("\nmean PSNR / SSIM by group")
-    groups = sorted({str(r["image"]).rsplit("_", 1)[0] if "_" in str(r["image"]) else "all" for r in rows})
+    def group_of(image: object) -> str:
+        return str(image).rsplit("_", 1)[0] if "_" in str(image) else ""
+
+    groups = sorted({group_of(r["image"]) for r in rows} - {""})  # images without a modality: the mean only
     for m in methods:
         line = []
         for g in [*groups, ""]:
-            sel = [r for r in rows if r["method"] == m and str(r["image"]).startswith(g)]
+            sel = [r for r in rows if r["method"] == m and (not g or group_of(r["image"]) == g)]
             line.append(f"{np.mean([r['psnr'] for r in sel]):6.2f}/{np.mean([r['ssim'] for r in sel]):.3f}")
         print(f"{m:10s} " + "  ".join(f"{(g or 'mean')[:18]:>18s} {c}" for g, c in zip([*groups, ""], line)))
     if args.json:
