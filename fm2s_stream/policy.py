@@ -14,9 +14,10 @@ Publish first, learn after. After each answer the pipeline asks `plan` and train
   any moment; where they come at a steady rate (a camera), a step starts only if it should end
   before the next frame is due, give or take NEXT_FRAME_SLACK of a step, so that share of a step (a
   frame arriving mid-step waits for it, most of the latency beyond the answer itself). An estimate
-  found over budget decays so that a one-off slow step (kernel set-up, a busy moment) does not
-  switch fine-tuning off for good. The next frame is due one median interval (over the
-  last PERIOD_FRAMES) after its channel's last one; channels that went quiet do not count;
+  found over budget, or too long to fit before the next frame, decays so that a one-off slow step
+  (kernel set-up, a busy moment) does not switch fine-tuning off for good. The next frame is due one
+  median interval (over the last PERIOD_FRAMES) after its channel's last one; channels that went
+  quiet do not count;
 - under backlog a ready channel does not learn at all (counted as `finetune_skipped`);
 - with a latency bound (`max_latency_ms`, off by default), a frame whose network answer would come out
   later than the bound after its arrival, while a newer frame of its channel waits, is answered by the
@@ -128,7 +129,11 @@ class LatencyPolicy:
         if wait + self.answer_s <= self.budget_s:
             if due is None:
                 return Plan(self.max_finetune_steps)
-            return Plan(self.max_finetune_steps, deadline=due + (NEXT_FRAME_SLACK - 1) * self.step_s)
+            deadline = due + (NEXT_FRAME_SLACK - 1) * self.step_s
+            if deadline >= received + answer_seconds:
+                return Plan(self.max_finetune_steps, deadline=deadline)
+        # over budget, or no step fits before the next frame: the estimate decays (a one-off slow step,
+        # such as the first after the cold start, would otherwise never be re-measured) and is tried again
         self.step_s *= OVER_BUDGET_DECAY
         return Plan(0, skipped=True)
 

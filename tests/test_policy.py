@@ -139,3 +139,32 @@ def test_a_latency_bound_sheds_only_late_frames_with_a_newer_one_behind_them():
     assert on.shed(0.200, newer_waiting=True)  # 200 + 120 ms > 300
     assert not on.shed(0.150, newer_waiting=True)  # 150 + 120 ms fits
     assert not on.shed(5.0, newer_waiting=False)  # the newest frame of its channel always gets the network
+
+
+def test_a_slow_first_step_does_not_stop_a_fast_camera_s_fine_tuning_for_good():
+    # 60 fps, answers of 3 ms and steps of 8 ms, but the first fine-tune step after the cold start took
+    # 40 ms (kernel set-up): with that estimate no step fits before the next frame is due, so none
+    # would run and re-measure it; it decays instead, and the steps come back (seen in CI as a stream
+    # that stopped learning after its cold start)
+    policy = LatencyPolicy(budget_ms=50, max_finetune_steps=8)
+    answer, step, period = 0.003, 0.008, 1 / 60
+    _camera(policy, "a", 1.0 - 20 * period, period, 20)  # the frames of the cold start: the rate is known
+    policy.stepped(0.040)
+    free, latencies, steps = 0.0, [], 0
+    for i in range(300):
+        arrival = 1.0 + i * period
+        policy.arrived("a", arrival)
+        now = max(free, arrival) + answer
+        latencies.append(now - arrival)
+        policy.answered(answer)
+        plan = policy.plan(arrival, backlog=0, ready=True, answer_seconds=now - arrival)
+        taken = 0
+        while taken < plan.max_steps and now < arrival + period and not (plan.deadline and now > plan.deadline):
+            now += step
+            policy.stepped(step)
+            taken += 1
+        steps += taken
+        free = now
+    assert steps >= 150, steps  # about one step per frame once the estimate is re-measured
+    assert policy.step_s < 0.012
+    assert max(latencies[60:]) <= answer + NEXT_FRAME_SLACK * step + 1e-9, max(latencies)
