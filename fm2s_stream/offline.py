@@ -77,8 +77,9 @@ def denoise_unit(
     """Train a network (started as `init` says) on a [0, 1] float frame and return its denoised version.
 
     prior: a classical estimate of the same frame ([0, 1], `classical_prior`); where the schedule gives
-    it a weight, the output is blended with it, and for white noise (preset.rho 0) it is also the
-    target (two-photon +0.09 dB; with correlated noise it cost widefield 0.2 dB: README "Quality").
+    it a weight, the output is blended with it, and where the injection is white (preset.rho 0) it is
+    also the target (two-photon +0.09 dB; under correlated injection it cost widefield 0.2 dB: README
+    "Quality").
     """
     blend = schedule.prior_weight if prior is not None else 0.0
     if prior is not None and blend > 0 and preset.rho == 0:
@@ -148,8 +149,9 @@ def denoise(
     on_step: called with the step count after every training step (progress; an exception it raises stops);
     init: "generic" (the shipped starting network) or "random" (the paper's; None: the method's, see `init_for`);
     state_dir: keep the learnt network as channel `channel` there, or use the one kept (`StackDenoiser`).
-    With the `fast` schedule, a frame with white noise whose noise law holds also gets a block-matched
-    estimate (`classical_prior`): the network learns towards it, and the output is their mean.
+    With the `fast` schedule, a frame whose noise law holds also gets a block-matched estimate
+    (`classical_prior`): the output is the mean of it and the network's, which learns towards it where
+    its injection is white.
     """
     check_frame(frame)
     if state_dir is not None:

@@ -57,7 +57,8 @@ class Schedule:
     average_from: the network kept is the mean of its weights over the steps of stage 2 from this
     fraction of it on (stochastic weight averaging; 1.0: the last step's weights, as the paper);
     prior_weight: single frames only (`offline.denoise`): where the frame's noise law holds, its
-    block-matched estimate (`blockmatch`) is the target and has this weight in the output (0: unused).
+    block-matched estimate (`blockmatch`) has this weight in the output, and is the target where the
+    injection is white (0: unused).
     """
 
     name: str
@@ -103,8 +104,8 @@ SCHEDULES: dict[str, Schedule] = {
                       faithful_output=True),
     # fast: random crops, a cosine-decayed rate, the mix target, weights averaged over stage 2's second
     # half (README "Quality": one dev image's seed-to-seed spread, up to +-0.19 dB, falls to +-0.03 at most)
-    # where the frame's noise law holds (white noise), the block-matched estimate is the target and half
-    # the output (README "Quality": two-photon +0.25 dB over the network alone)
+    # single frames whose noise law holds: the block-matched estimate is half the output, and the target
+    # where the injection is white (README "Quality": two-photon +0.28 dB, widefield +0.16 over the network)
     "fast": Schedule("fast", 5, 900, 1, 128, 4, 2e-3, 1e-3, "mix", tta=8, bf16=True, shared_noise=True,
                      average_from=0.5, prior_weight=0.5),
 }
