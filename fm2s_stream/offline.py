@@ -78,7 +78,7 @@ def denoise_unit(
 
     prior: a classical estimate of the same frame ([0, 1], `classical_prior`); where the schedule gives
     it a weight, the output is blended with it, and where the injection is white (preset.rho 0) it is
-    also the target (two-photon +0.09 dB; under correlated injection it cost widefield 0.2 dB: README
+    also the target (two-photon +0.07 dB; under correlated injection it cost widefield 0.2 dB: README
     "Quality").
     """
     blend = schedule.prior_weight if prior is not None else 0.0
