@@ -285,3 +285,15 @@ def test_unusable_state_is_reported_and_the_channel_learnt_anew(tmp_path, capsys
     err = capsys.readouterr().err
     assert "learnt anew" in err and str(path) in err and "saved to" in err, err
     assert ("unreadable" if damage == "truncate" else "these are |u1") in err, err
+
+
+def test_no_prior_gives_the_network_alone(tmp_path):
+    """`--no-prior`: the same frame and seed, without the block-matched prior averaged in, differ."""
+    src = tmp_path / "in.tif"  # large enough for the noise law to be estimated (48x64 is not: no prior)
+    tifffile.imwrite(src, TimeLapse((128, 128), Camera(gain=4.0, read_noise=1.5, offset=2, bit_depth=8), seed=1,
+                                    peak=40).frame(0)[0])
+    for name, extra in (("with.tif", []), ("without.tif", ["--no-prior"])):
+        assert cli.main(["denoise", str(src), "-o", str(tmp_path / name), "--device", "cpu", "--threads", "1",
+                         *extra]) == 0
+    with_prior, alone = tifffile.imread(tmp_path / "with.tif"), tifffile.imread(tmp_path / "without.tif")
+    assert with_prior.shape == alone.shape and not np.array_equal(with_prior, alone)
