@@ -113,11 +113,12 @@ def bm3d_gat(raw: np.ndarray, a: float, b: float) -> np.ndarray:
     """BM3D in the generalized Anscombe domain of var = a * level + b (8-bit levels), inverted back."""
     import bm3d
 
-    c = b / a**2
-    d = 2.0 * np.sqrt(np.maximum(raw.astype(np.float64) / a + 3.0 / 8.0 + c, 0.0))
+    from fm2s_stream.blockmatch import stabilize, unstabilize
+
+    d = stabilize(raw, a, b)
     lo, span = d.min(), max(d.max() - d.min(), 1e-9)
     d_hat = np.asarray(bm3d.bm3d((d - lo) / span, sigma_psd=1.0 / span)) * span + lo
-    return a * np.maximum((d_hat / 2.0) ** 2 - 1.0 / 8.0 - c, 0.0)
+    return np.maximum(unstabilize(d_hat, a, b), 0.0)
 
 
 def bm3d_psd(raw: np.ndarray, psd: np.ndarray) -> np.ndarray:
