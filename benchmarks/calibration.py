@@ -7,22 +7,26 @@ Part 1 (synthetic): a grid of gains (0.5-20 ADU/e-) x read noise (1-10 e-) x off
 bit where the range allows), white and spatially correlated noise: estimated gain and read noise (given
 the offset) against the truth: per cell the bias (mean error over the noise draws), the single-frame
 spread (sd) and the share of single frames within 10 %.
-Part 2 (real, with data): the same cameras over real-structure scenes: the dev FMD ground truths as
-photon maps, and a synthetic scene. A 50-frame average still holds 1/50 of its exposures' noise, so
-each ground truth is scaled to its field's own photon level (8-bit value / the gain fitted from raw -
-truth): its leftover noise is then 1.3 / 1.6-1.8 % of the shot noise at the median level on confocal /
-two-photon, but 7-9 % on widefield, whose camera's read noise (b / 50 of the raw - truth law) adds to
-it; no single-frame estimate can tell it from camera noise, and the truth below leaves it out. Where
-the camera correlates the noise, the photon map is blurred by the same kernel (a camera whose
-processing correlates its noise blurs the signal with it; correlating the noise of a sharp map would
-move shot-noise variance off the pixels it belongs to). Per cell: the single-frame gain error and the
-noise variance error at the mid level (halfway between the 1st and 99th percentile of the noise-free
-frame), mean and worst over the draws, and the gain error from `--frames` frames of the static field
-(`estimate_noise_frames`). `shot` is the shot noise's share of the variance at the mid level: where it
-is small, read noise swamps the gain. `bound` is the least gain error (1 sd, %) any single-frame
-estimate can have, one that knew the noise-free scene exactly (`calibrate.gain_bound`, Cramer-Rao);
-above 5 % even it strays beyond 10 % in more than 5 % of frames, so no estimator can meet 10 % in every
-frame there.
+Part 2 (real, with data): the same cameras over real-structure scenes: the dev FMD ground truths as photon
+maps, and a synthetic scene. A 50-frame average still holds 1/50 of its exposures' noise, so each ground truth
+is scaled to its field's own photon level (8-bit value / the gain fitted from raw - truth): its leftover
+noise, computed from the raw - truth law, is then 1.3 / 1.6-1.8 % of the shot noise at the median level on
+confocal / two-photon, but 7-9 % on widefield, whose camera's read noise (b / 50 of the raw - truth law) adds
+to it; no single-frame estimate can tell it from camera noise, and the truth below leaves it out. Each scene's
+heading gives what one frame's estimate finds in the noise-free map itself (`map_content`): 2.3 / 2.7 % of the
+shot noise's variance on confocal / two-photon, about the 1/50 a 50-frame average keeps, but 15.2 % on
+widefield, correlated as the FMD camera's noise (rho 0.58) and growing with the level: content fixed in that
+truth, which one frame cannot tell from a camera's noise, so a single frame's gain there reads ~15 % high
+before any error of the estimator (8 frames cancel it). Where the camera correlates the noise, the photon map
+is blurred by the same kernel (a camera whose processing correlates its noise blurs the signal with it;
+correlating the noise of a sharp map would move shot-noise variance off the pixels it belongs to). Per cell:
+the single-frame gain error and the noise variance error at the mid level (halfway between the 1st and 99th
+percentile of the noise-free frame), mean and worst over the draws, and the gain error from `--frames` frames
+of the static field (`estimate_noise_frames`). `shot` is the shot noise's share of the variance at the mid
+level: where it is small, read noise swamps the gain. `bound` is the least gain error (1 sd, %) any single-
+frame estimate can have, one that knew the noise-free scene exactly (`calibrate.gain_bound`, Cramer-Rao);
+above 5 % even it strays beyond 10 % in more than 5 % of frames, so no estimator can meet 10 % in every frame
+there.
 Part 3 (fmd, with data): per FMD image, the real noise variance at the median level next to what each
 paper preset injects there (the ratio that `fm2s_stream.calibrate.REFERENCE_RATIO` summarises).
 """
@@ -109,6 +113,19 @@ def photon_maps(data: Path) -> dict[str, np.ndarray]:
     return maps
 
 
+def map_content(electrons: np.ndarray) -> str:
+    """What a single-frame estimate finds in a noise-free map itself: the slope of its apparent noise
+    variance over its level in e- per e- (the camera's shot noise is 1) and that content's lag-1
+    correlation. A 50-frame average keeps 1/50 of its exposures' shot noise (0.02); more is fixed
+    content, texture or pattern, that no single frame can tell from the camera's noise."""
+    k = 60000.0 / float(electrons.max())  # the map on a 16-bit scale: rounding adds nothing measurable
+    try:
+        est = estimate_noise(np.rint(electrons * k).astype(np.uint16))
+    except ValueError:  # no noise-like content at all (the synthetic scene)
+        return "none measurable"
+    return f"{est.a / k:.3f} e-/e- ({100 * est.a / k:.1f} % of the shot noise's variance), rho {est.rho:.2f}"
+
+
 def real_grid(maps: dict[str, np.ndarray], draws: int, frames: int) -> None:
     """Print part 2, one block per scene, and a summary line per scene."""
     from scipy import ndimage
@@ -116,7 +133,8 @@ def real_grid(maps: dict[str, np.ndarray], draws: int, frames: int) -> None:
     from fm2s_stream.calibrate import estimate_noise_frames
 
     for name, electrons in maps.items():
-        print(f"\n{name}: peak {electrons.max():.0f} e-, median {np.median(electrons):.1f} e-")
+        print(f"\n{name}: peak {electrons.max():.0f} e-, median {np.median(electrons):.1f} e-; what one frame's "
+              f"estimate finds in the noise-free map itself: {map_content(electrons)}")
         print(f"{'bits':>4s} {'gain':>5s} {'read':>4s} {'corr':>4s} {'shot':>4s} {'bound':>5s} | {'1f gain %':>9s} "
               f"{'worst':>6s} {'var@mid %':>9s} {'worst':>6s} | {f'{frames}f gain %':>9s} {'var@mid %':>9s}")
         ok_gain = ok_var = ok_multi = cells = pinnable = ok_pinnable = 0
