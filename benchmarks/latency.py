@@ -39,7 +39,7 @@ from fm2s_stream.wire import encode
 def reference_seconds(size: int, n_chan: int, threads: int) -> float:
     """Seconds the paper's per-image schedule needs at this size (median of timed full-frame steps)."""
     torch.set_num_threads(threads)
-    net = FM2SNet(n_chan).to(memory_format=torch.channels_last)
+    net = FM2SNet(n_chan).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     x = torch.rand(1, n_chan, size, size).contiguous(memory_format=torch.channels_last)
     times = []
@@ -87,7 +87,7 @@ def run(size: int, channels: int, finetune: bool, fps: float, n: int, device: st
                           preset="confocal", threads=threads, device=device, budget_ms=50,
                           max_finetune_steps=8 if finetune else 0, extra_channel={"time_stages": stages})
     service = StreamService(opts).start()
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     push.connect(opts.source)
     assert opts.publish

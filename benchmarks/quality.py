@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fm2s_stream.offline import denoise
-from fm2s_stream.training import SCHEDULES
+from fm2s_stream.training import SCHEDULES, Schedule
 
 
 def load(path: Path) -> np.ndarray:
@@ -170,9 +171,9 @@ def pairs(data: Path) -> list[tuple[str, Path, Path]]:
     return out
 
 
-def parse_overrides(text: str) -> dict[str, object]:
+def parse_overrides(text: str) -> dict[str, Any]:
     fields = {f.name: f.type for f in dataclasses.fields(SCHEDULES["fast"])}
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
         if key not in fields:
@@ -187,17 +188,17 @@ def parse_overrides(text: str) -> dict[str, object]:
     return out
 
 
-def run_method(m: str, raw: np.ndarray, preset: str, fast: object, seed: int, gt: np.ndarray) -> np.ndarray:
+def run_method(m: str, raw: np.ndarray, preset: str, fast: Schedule, seed: int, gt: np.ndarray) -> np.ndarray:
     """One method's output for one image, on the 8-bit scale of `raw` (`gt` only for the oracle recipes)."""
     if m.startswith("bm3d"):
         return bm3d_method(m, raw, gt, preset)
     if m in ("paper", "fast"):  # the paper's schedule as published: no photometric anchoring
-        return denoise(raw, preset, fast if m == "fast" else "paper", device="cpu", seed=seed,  # type: ignore[arg-type]
+        return denoise(raw, preset, fast if m == "fast" else "paper", device="cpu", seed=seed,
                        anchor_sigma=16.0 if m == "fast" else 0.0)
     if m == "auto":
-        return denoise(raw, "auto", fast, device="cpu", seed=seed)  # type: ignore[arg-type]
+        return denoise(raw, "auto", fast, device="cpu", seed=seed)
     if m == "net":
-        alone = dataclasses.replace(fast, prior_weight=0.0)  # type: ignore[type-var]
+        alone = dataclasses.replace(fast, prior_weight=0.0)
         return denoise(raw, "auto", alone, device="cpu", seed=seed)
     if m == "blockmatch":
         from fm2s_stream.blockmatch import block_matched
@@ -211,7 +212,7 @@ def run_method(m: str, raw: np.ndarray, preset: str, fast: object, seed: int, gt
         return np.clip(prior.estimate, 0, 255)
     if m in ("fast16", "auto16"):  # the same frame as a 16-bit camera would give it
         raw16 = to16(raw, np.random.default_rng(seed))
-        out16 = denoise(raw16, "auto" if m == "auto16" else preset, fast, device="cpu", seed=seed)  # type: ignore[arg-type]
+        out16 = denoise(raw16, "auto" if m == "auto16" else preset, fast, device="cpu", seed=seed)
         return (out16.astype(np.float64) - OFFSET16) / SCALE16
     return classical(m, raw)
 

@@ -52,7 +52,7 @@ def main() -> None:
     if args.save:
         cmd += ["--save", args.save]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     push.connect(src)
     pull.connect(pub)
