@@ -14,10 +14,12 @@ carry the slope. The lag-1 noise correlation rho is estimated from lag-1..3 diff
 that linear structure cancels (`noise_correlation`) and corrects the difference-based variances
 (var(diff)/2 = var * (1 - rho)), so spatially correlated noise is measured at its true level; the
 white noise of rounding to integers (1/12 ADU^2) is kept out of that correction. Saturated tiles are
-excluded. Where dark tiles come within 3 noise std of 0, the camera clipped them there (variance
-shrinks, mean rises): the law is then fitted through a normal censored at 0 (Foi et al. 2008 style),
-with the bins predicted as differences of correlated neighbours clipped together, and
-`observed_variance` gives the pixel variance the frame itself shows.
+excluded. Where dark tiles come within 3 noise std of 0 and pixels sit at 0 (CLIPPED_SHARE), the
+camera clipped them there (variance shrinks, mean rises): the law is then fitted through a normal
+censored at 0 (Foi et al. 2008 style), with the bins predicted as differences of correlated neighbours
+clipped together, and `observed_variance` gives the pixel variance the frame itself shows. Without
+pixels at 0 the dark tiles are merely quiet: photon counting above a PMT's offset (FMD confocal, no
+pixel at 0: 21.6-23.9 ADU/e- against 20.6-21.0 from raw - truth; through the clipping 40).
 
 Measured (benchmarks/calibration.py, 512x512 synthetic frames, gain 0.5-20 ADU/e-, read noise 1-10 e-,
 8 and 16 bit, white and correlated noise, 20 noise draws per cell): the gain's bias (mean error over
@@ -55,6 +57,10 @@ __all__ = ["CORRELATED_INJECTION_RATIO", "GAIN_PINNED", "REFERENCE_RATIO", "Fiel
 TILE = 8
 QUANTIZATION = 1.0 / 12.0  # variance (ADU^2) that rounding to integers adds, white
 CLIP_SIGMAS = 3.0  # a bin whose mean is closer to 0 than this many noise std is affected by clipping
+# clipping at 0 leaves pixels at 0: below this share of them the frame was not clipped, and dark tiles close
+# to 0 in noise units are merely quiet (a PMT's offset with little read noise: the FMD confocal raws have no
+# pixel at 0, and a fit through clipping there doubled their gain, 40 ADU/e- against 21 from raw - truth)
+CLIPPED_SHARE = 1e-4
 # gain_bound above this (1 sd): even an estimate that knew the scene strays beyond 10 % in > 5 % of frames
 GAIN_PINNED = 0.05
 CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 channel, 11x11 median) is used
@@ -63,12 +69,14 @@ CORRELATED = 0.3  # lag-1 noise correlation above which the widefield base (1 ch
 NEIGHBOUR_AGREEMENT = 2.0
 NEIGHBOUR_MIN_TILES = 128  # fewer tiles agreeing (a small frame, e.g. 128x128) bin by their own levels: 16 bins of 8
 # injected-to-real noise variance ratio of the paper presets on the 12 FMD dev images at their median
-# level, each image with its own preset (geometric mean per noise class, benchmarks/calibration.py):
-# white noise (confocal 1.0 and two-photon 2.55 images: the confocal base) and spatially correlated
-# noise (widefield 4.0: the widefield base). Measured: confocal images denoise best with weak
-# injection (ratio 1.4: 32.27 dB, 2.16: 32.17, 3.0: 32.01), widefield ones, injected white, with strong
-# (1.4: 32.32, 4: 32.5). Two-photon dev images (seed 0): 1.0: 33.89, 1.6: 34.17, 2.5: 33.97.
-REFERENCE_RATIO = {"white": 1.60, "correlated": 3.94}
+# level, each image with its own preset (geometric mean per noise class, benchmarks/calibration.py part
+# fmd): white noise (confocal 0.67-0.75 and two-photon 2.44-2.65 images: the confocal base) and spatially
+# correlated noise (widefield 4.0: the widefield base). Measured: confocal images denoise best with weak
+# injection, widefield ones, injected white, with strong (1.4: 32.32, 4: 32.5). White, seed 0, `auto`:
+# confocal 1.34: 32.28 dB, 1.6: 32.21 (3 seeds); two-photon 1.34: 34.42, 1.6: 34.40 (3 seeds). Before
+# the fit through clipping was limited to frames with pixels at 0, the confocal law read their noise at
+# the median 25 % low, the confocal ratios 1.0 and the white ratio 1.60.
+REFERENCE_RATIO = {"white": 1.34, "correlated": 3.94}
 # Correlated noise (rho > CORRELATED) is injected correlated as the frame's (Preset.rho, lag-1 rho along
 # each axis), at this injected-to-real variance ratio. Widefield dev images (4, seed 0, default `denoise`):
 # white injection at 3.94: 32.54 dB; correlated at 0.25: 32.18, 0.4: 32.58, 0.6: 32.65, 1.0: 32.53, 1.6: 32.31,
@@ -183,9 +191,15 @@ def estimate_noise(frame: np.ndarray, bins: int = 16) -> NoiseEstimate:
     if m.size < 16:
         raise ValueError("frame too structured or too small to estimate its noise (need flat regions)")
     a, b, clipped, curve = _fit_law(m, n, bins, min(rho, 0.95), _median_bias(TILE),
-                                    by=None if by is None else by[smooth])
+                                    by=None if by is None else by[smooth], zeros=_has_zeros([frame]))
     black = float(np.quantile(mean[ok], 0.001))
     return NoiseEstimate(a, b, rho, black, float(np.median(mean[ok])), int(m.size), clipped, 1, curve)
+
+
+def _has_zeros(frames: list[np.ndarray]) -> bool:
+    """Whether at least CLIPPED_SHARE of the frames' pixels sit at 0, as a camera clipping there leaves them."""
+    zeros = sum(int(np.count_nonzero(f == 0)) for f in frames)
+    return zeros >= CLIPPED_SHARE * sum(f.size for f in frames)
 
 
 def _neighbour_levels(mean: np.ndarray, noise: np.ndarray, rho: float, ny: int, nx: int) -> tuple[
@@ -212,7 +226,7 @@ def _neighbour_levels(mean: np.ndarray, noise: np.ndarray, rho: float, ny: int, 
 
 
 def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: float,
-             by: np.ndarray | None = None, robust: bool = True) -> tuple[
+             by: np.ndarray | None = None, robust: bool = True, zeros: bool = True) -> tuple[
         float, float, bool, tuple[tuple[float, float, float, bool], ...]]:
     """(a, b, clipped, the binned curve) of var = a * level + b through tiles' levels `m` and noise
     variance estimates `n`: a bin's variance is its tiles' median (structure inflates some) over
@@ -223,7 +237,8 @@ def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: f
     the regression to the mean that binning by `m` itself brings: tiles of one true level binned by
     their noisy level spread along the level axis at one variance and flatten the slope). `robust`:
     drop bins significantly above the line (structure that passed the flatness test); off where the
-    estimates cannot hold structure."""
+    estimates cannot hold structure. `zeros`: the frames hold pixels at 0 (CLIPPED_SHARE), without
+    which no fit through clipping is tried."""
     key = m if by is None else by
     bins = max(1, min(bins, m.size // 8))  # small frames: fewer, fuller bins
     # half the bins split the tiles evenly (most tiles are background), half split the level range
@@ -250,7 +265,7 @@ def _fit_law(m: np.ndarray, n: np.ndarray, bins: int, rho: float, median_bias: f
     x, y, wt = x[use], y[use], wt[use]
     # dark tiles within a few noise std of 0 are clipped there: their variance shrinks and their mean
     # rises, which tilts a straight line; fit the law through the clipping instead
-    clipped = x.size >= 3 and bool(np.min(x / np.sqrt(np.maximum(y, 1e-12))) < CLIP_SIGMAS)
+    clipped = zeros and x.size >= 3 and bool(np.min(x / np.sqrt(np.maximum(y, 1e-12))) < CLIP_SIGMAS)
     if clipped:
         a, b = _fit_clipped(x, y, wt, a, float(b), rho)
     return a, float(b), clipped, curve
@@ -325,7 +340,8 @@ def estimate_noise_frames(frames: list[np.ndarray], bins: int = 16) -> NoiseEsti
         raise ValueError("too few unsaturated regions to estimate the noise")
     rho = float(np.clip(lag_num / max(lag_den, 1e-12), 0.0, 0.95))
     # differences hold no structure: bins by the other frames' level, their tiles' mean variance, no drops
-    a, b, clipped, curve = _fit_law(m, n, bins, 0.0, 1.0, by=np.concatenate(keys), robust=False)
+    a, b, clipped, curve = _fit_law(m, n, bins, 0.0, 1.0, by=np.concatenate(keys), robust=False,
+                                    zeros=_has_zeros(frames))
     means = means.ravel()
     return NoiseEstimate(a, b, rho, float(np.quantile(means, 0.001)), float(np.median(means)), int(m.size),
                          clipped, len(frames), curve)

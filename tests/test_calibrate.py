@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -119,6 +120,37 @@ def test_frames_clipped_at_zero_are_fitted_through_the_clipping():
     dark = float(np.median(frame))
     assert est.observed_variance(dark) < float(est.variance(dark))  # what the frame shows is squeezed by the clip
     assert est.observed_variance(5000.0) == pytest.approx(float(est.variance(5000.0)), rel=1e-3)  # far from 0: none
+
+
+def test_a_frame_with_no_pixel_at_zero_is_not_fitted_through_clipping():
+    """Photon counting (a PMT's offset, no read noise): the dark tiles lie within 3 noise std of 0 but
+    nothing was clipped, and no pixel sits at 0; the same dark field with read noise is clipped."""
+    dim = make_scene((512, 512), np.random.default_rng(3), peak=12, background=0.3)
+    counting = Camera(gain=20.0, read_noise=0.0, offset=3.0, bit_depth=8).expose(dim, np.random.default_rng(5))
+    assert counting.min() > 0
+    est = estimate_noise(counting)
+    assert not est.clipped and est.a == pytest.approx(20.0, rel=0.1)
+    clipped = Camera(gain=20.0, read_noise=0.5, offset=3.0, bit_depth=8).expose(dim, np.random.default_rng(5))
+    assert (clipped == 0).mean() > 0.01 and estimate_noise(clipped).clipped
+
+
+def test_a_real_confocal_frame_gets_the_gain_its_residual_shows(shared_data):
+    """FMD confocal raw (no pixel at 0): the single-frame gain against the slope of var(raw - truth) over
+    the truth's level. A fit through clipping that was not there read it 2x (40 ADU/e- against 21)."""
+    fmd = shared_data / "fmd"
+    raw = np.asarray(Image.open(fmd / "raw" / "Confocal_FISH_1.png"))
+    truth = np.asarray(Image.open(fmd / "gt" / "Confocal_FISH_1.png")).astype(np.float64)
+    residual = raw - truth
+    edges = np.quantile(truth, np.linspace(0.05, 0.99, 12))
+    levels, variances = [], []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (truth >= lo) & (truth < hi)
+        levels.append(raw[sel].mean())
+        variances.append(residual[sel].var())
+    gain = np.polyfit(levels, variances, 1)[0]
+    assert 18 < gain < 24  # the FMD confocal camera: ~21 ADU per photon
+    est = estimate_noise(raw)
+    assert not est.clipped and est.a == pytest.approx(gain, rel=0.25)
 
 
 def test_correlated_noise_is_detected():
