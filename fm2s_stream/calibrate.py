@@ -72,8 +72,8 @@ NEIGHBOUR_MIN_TILES = 128  # fewer tiles agreeing (a small frame, e.g. 128x128) 
 # level, each image with its own preset (geometric mean per noise class, benchmarks/calibration.py part
 # fmd): white noise (confocal 0.67-0.75 and two-photon 2.44-2.65 images: the confocal base) and spatially
 # correlated noise (widefield 4.0: the widefield base). Measured: confocal images denoise best with weak
-# injection, widefield ones, injected white, with strong (1.4: 32.32, 4: 32.5). White, seed 0, `auto`:
-# confocal 1.34: 32.28 dB, 1.6: 32.21 (3 seeds); two-photon 1.34: 34.42, 1.6: 34.40 (3 seeds). Before
+# injection, widefield ones, injected white, with strong (1.4: 32.32, 4: 32.5). White, `auto`, seeds 0-2:
+# confocal 1.34: 32.27 dB, 1.6: 32.21; two-photon 1.34: 34.42, 1.6: 34.40. Before
 # the fit through clipping was limited to frames with pixels at 0, the confocal law read their noise at
 # the median 25 % low, the confocal ratios 1.0 and the white ratio 1.60.
 REFERENCE_RATIO = {"white": 1.34, "correlated": 3.94}
